@@ -1,0 +1,25 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv and install on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/latentray sample --output out/samples.png --n 16 --seed 0
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_generator.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,82 @@
+"""`latentray` command line. Thin: parses options, calls models/ops, prints a one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  latentray sample --output out/samples.png --n 16
+  latentray convert --input network-snapshot-025000.pkl --output ffhq.latentray.pt
+"""
+
+
+def _load(generator: str | None):
+    from models.checkpoints import load_generator
+    from models.default_generator import DEFAULT_GENERATOR_PATH
+
+    return load_generator(generator or str(DEFAULT_GENERATOR_PATH))
+
+
+def cmd_sample(args) -> None:
+    import torch
+    from PIL import Image
+
+    from ops.images import make_grid, to_uint8
+
+    G = _load(args.generator)
+    z = torch.randn(args.n, G.style_dim, generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        w = G.mapping(z)
+        if args.psi < 1:
+            w = G.truncate(w, G.w_avg if G.w_avg is not None else G.mean_latent(10_000), args.psi)
+        img = G.synthesis(w)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(make_grid(to_uint8(img), ncols=math.ceil(math.sqrt(args.n)))).save(out)
+    note = " (bundled default generator: random weights, not a face model)" if args.generator is None else ""
+    print(f"wrote {args.n} samples of {G.size}x{G.size} from {G.source_format} generator "
+          f"{G.generator_id[:12]} to {out}{note}")
+
+
+def cmd_convert(args) -> None:
+    from models.checkpoints import save_generator
+
+    G = _load(args.input)
+    save_generator(G, args.output)
+    print(f"converted {G.source_format} generator {G.generator_id[:12]} ({G.size}px) to {args.output}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentray", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="write a PNG grid of generator samples")
+    p.add_argument("--generator", help="checkpoint (.pt rosinality/latentray, .pkl NVIDIA); default: bundled")
+    p.add_argument("--output", required=True, help="PNG path")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="z seed (default 0)")
+    p.add_argument("--psi", type=float, default=1.0, help="truncation psi (default 1: none)")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("convert", help="convert a checkpoint to latentray's own format (no pickle path on reload)")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from models.checkpoints import CheckpointError
+
+    try:
+        args.func(args)
+    except CheckpointError as exc:
+        print(f"latentray: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
