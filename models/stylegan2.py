@@ -63,24 +63,49 @@ class PixelNorm(nn.Module):
         return z * torch.rsqrt(torch.mean(z * z, dim=1, keepdim=True) + 1e-8)
 
 
+def rowwise_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, I] @ weight[O, I]^T with a summation order that does not depend on B.
+
+    A GEMM picks its kernel (and so its rounding) by batch size; inversion must give an image the same latent
+    whether it is optimised alone or in a batch, and Adam amplifies even 1e-7 differences over many steps.
+    """
+    return (x[:, None, :] * weight[None]).sum(dim=-1)
+
+
+def per_sample(conv, x: torch.Tensor) -> torch.Tensor:
+    """Apply `conv` image by image on CPU: oneDNN picks its algorithm (and rounding) by batch size, so a batched
+    call would make an image's result depend on its batch. On other devices the batch runs as one call."""
+    if x.device.type != "cpu" or x.shape[0] == 1:
+        return conv(x)
+    return torch.cat([conv(t) for t in x.split(1)])
+
+
 class EqualLinear(nn.Module):
     """Fully connected layer with equalised learning rate: weight stored as randn/lr_mul, scaled at run time.
 
-    `activate=True` fuses bias + leaky ReLU(0.2) * sqrt(2), as the mapping network does.
+    `activate=True` fuses bias + leaky ReLU(0.2) * sqrt(2), as the mapping network does. `batch_invariant=True`
+    (style affines, which inversion differentiates through) uses `rowwise_matvec` instead of a GEMM.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0, lr_mul: float = 1.0, activate: bool = False):
+    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0, lr_mul: float = 1.0, activate: bool = False,
+                 batch_invariant: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
         self.scale = lr_mul / math.sqrt(in_dim)
         self.lr_mul = lr_mul
         self.activate = activate
+        self.batch_invariant = batch_invariant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.activate:
+        if self.batch_invariant:
+            out = rowwise_matvec(x, self.weight * self.scale) + self.bias * self.lr_mul
+        elif not self.activate:
             return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
-        out = F.linear(x, self.weight * self.scale) + self.bias * self.lr_mul
+        else:
+            out = F.linear(x, self.weight * self.scale) + self.bias * self.lr_mul
+        if not self.activate:
+            return out
         return F.leaky_relu(out, LRELU_SLOPE) * LRELU_GAIN
 
 
@@ -130,7 +155,7 @@ class ModulatedConv2d(nn.Module):
                  upsample: bool = False, blur_kernel=(1, 3, 3, 1)):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(1, out_ch, in_ch, kernel_size, kernel_size))
-        self.modulation = EqualLinear(style_dim, in_ch, bias_init=1.0)
+        self.modulation = EqualLinear(style_dim, in_ch, bias_init=1.0, batch_invariant=True)
         self.scale = 1.0 / math.sqrt(in_ch * kernel_size**2)
         self.padding = kernel_size // 2
         self.demodulate = demodulate
@@ -144,13 +169,13 @@ class ModulatedConv2d(nn.Module):
         x = x * s.to(x.dtype)[:, :, None, None]
         if self.upsample:
             # Transposed conv without kernel flip, then blur: the official order (README §2.6).
-            out = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2)
+            out = per_sample(lambda t: F.conv_transpose2d(t, weight.transpose(0, 1).to(x.dtype), stride=2), x)
         else:
-            out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+            out = per_sample(lambda t: F.conv2d(t, weight.to(x.dtype), padding=self.padding), x)
         if self.demodulate:
             # sum_{i,kh,kw} (scale*W*s)^2 = (s^2) @ (sum_k (scale*W)^2)^T, computed in float32 even under autocast.
             with torch.autocast(device_type=s.device.type, enabled=False):
-                energy = (s.float() ** 2) @ (weight.float() ** 2).sum(dim=(2, 3)).t()
+                energy = rowwise_matvec(s.float() ** 2, (weight.float() ** 2).sum(dim=(2, 3)))
                 demod = torch.rsqrt(energy + 1e-8)
             out = out * demod.to(out.dtype)[:, :, None, None]
         if self.upsample:

@@ -180,9 +180,10 @@ def test_default_generator_is_small_reproducible_and_in_range():
     shipped = load_default_generator()
     rebuilt = build_default_generator()
     assert shipped.architecture() == rebuilt.architecture()
+    # Same recipe, same numbers (to float rounding: the output scale is measured through the generator's own maths).
     for (k, a), b in zip(shipped.state_dict().items(), rebuilt.state_dict().values()):
-        assert torch.equal(a, b), k
-    assert torch.equal(shipped.w_avg, rebuilt.w_avg)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=k)
+    torch.testing.assert_close(shipped.w_avg, rebuilt.w_avg, rtol=1e-5, atol=1e-7)
     z = torch.randn(256, shipped.style_dim, generator=torch.Generator().manual_seed(12345))
     with torch.no_grad():
         w = shipped.mapping(z)

@@ -1,0 +1,68 @@
+"""LPIPS perceptual distance (the `lpips` package, v0.1 linear heads) with explicit offline behaviour.
+
+The calibrated linear heads ship inside the `lpips` wheel; the ImageNet backbone (VGG16 or AlexNet) does not.
+* backbone="imagenet": uses the torchvision file in the torch hub cache; if it is missing we refuse with the file
+  name and folder, unless `allow_download=True` (real users with internet may opt in).
+* backbone="random": torchvision's seeded random init (`torch.manual_seed(0)` before construction, as the reference
+  goldens were built). Numbers are then NOT real LPIPS; every result carries `backbone == "random"`.
+Images of any size are box-downsampled to 256 first (integer factor), as rosinality's projector does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+LPIPS_SIZE = 256
+
+
+class PerceptualWeightsMissing(FileNotFoundError):
+    pass
+
+
+def backbone_path(net: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
+
+
+def box_downsample(images: torch.Tensor, size: int = LPIPS_SIZE) -> torch.Tensor:
+    """[B, C, H, W] -> block means to `size` when H > size (H a multiple of size); smaller images pass through."""
+    b, c, h, w = images.shape
+    if h <= size:
+        return images
+    f = h // size
+    return images.reshape(b, c, h // f, f, w // f, f).mean(dim=(3, 5))
+
+
+class Perceptual(nn.Module):
+    """`forward(a, b) -> [B]` LPIPS distances of images in [-1, 1]; `net` and `backbone` say what it is."""
+
+    def __init__(self, net: str = "vgg", backbone: str = "imagenet", allow_download: bool = False):
+        super().__init__()
+        import lpips
+
+        if net not in BACKBONE_FILES:
+            raise ValueError(f"lpips net must be one of {sorted(BACKBONE_FILES)}, got {net!r}")
+        if backbone not in ("imagenet", "random"):
+            raise ValueError(f"lpips backbone must be 'imagenet' or 'random', got {backbone!r}")
+        if backbone == "imagenet" and not allow_download and not backbone_path(net).exists():
+            raise PerceptualWeightsMissing(
+                f"LPIPS-{net} needs the ImageNet backbone file {BACKBONE_FILES[net]} in {backbone_path(net).parent} "
+                f"(from https://download.pytorch.org/models/{BACKBONE_FILES[net]}; or set TORCH_HOME to a folder "
+                "with hub/checkpoints/ holding it). Tests and the demo may opt in to a random backbone instead.")
+        with warnings.catch_warnings(), torch.random.fork_rng():
+            warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained=` argument
+            torch.manual_seed(0)
+            self.lpips = lpips.LPIPS(net=net, pnet_rand=backbone == "random", verbose=False)
+        self.lpips.eval().requires_grad_(False)
+        self.net, self.backbone = net, backbone
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = box_downsample(a), box_downsample(b)
+        if a.device.type != "cpu":
+            return self.lpips(a, b).reshape(-1)
+        # Image by image on CPU so that a distance (and its gradient) does not depend on the batch (see per_sample).
+        return torch.cat([self.lpips(x, y).reshape(-1) for x, y in zip(a.split(1), b.split(1))])

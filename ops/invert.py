@@ -1,0 +1,233 @@
+"""Batched GAN inversion: one optimiser for the W, W+, S and F/W+ (BDInvert) spaces.
+
+Every loss term is computed per image and the batch loss is their sum, Adam is element-wise, and every random draw
+(initial noise maps, latent exploration noise) comes from a torch.Generator seeded by (config.seed, key). So an
+image's result does not depend on the batch it lands in. Recipes (spec/inversion.md, spec/bdinvert.md):
+* w / wplus: rosinality/NVIDIA projector — start at w_avg, Adam lr 0.1 with a linear ramp-up (5 %) and cosine
+  ramp-down (25 %), exploration noise sigma_w * 0.05 * max(0, 1 - t/0.75)^2, LPIPS (+ optional MSE), noise maps
+  optimised with the 1e5-weighted autocorrelation penalty and renormalised after every step.
+* s: the same recipe on the concatenated StyleSpace vector, from styles(w_avg) or an encoder's W+.
+* fwplus: BDInvert — base code F at `base_level` from the base-code encoder (or G.base_code(w_avg)), W+ from
+  w_avg; Adam lr 0.01 constant, 1200 steps, MSE + 10 LPIPS + 10 mean((F - F0)^2) + 0.01 P_N+; constant noise.
+Deviation: both images are box-downsampled to 256 for LPIPS (BDInvert resizes the prediction bicubically and the
+target with Lanczos); MSE is taken at full resolution in every space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ops import metrics
+from ops.regularizers import load_or_compute_p_space_stats, noise_regularizer, normalize_noise_, pnorm_penalty
+
+SPACES = ("w", "wplus", "s", "fwplus")
+
+_PROJECTOR = dict(steps=1000, lr=0.1, lr_schedule="ramp", mse_weight=0.0, lpips_weight=1.0, optimize_noise=True,
+                  noise_weight=1e5, latent_noise=0.05, f_weight=0.0, pnorm_weight=0.0)
+SPACE_DEFAULTS = {
+    "w": _PROJECTOR,
+    "wplus": _PROJECTOR,
+    # StyleSpace "hybrid" recipe: a few hundred projector steps directly on S; W's exploration noise scale does
+    # not apply to S, so none.
+    "s": {**_PROJECTOR, "steps": 300, "latent_noise": 0.0},
+    "fwplus": dict(steps=1200, lr=0.01, lr_schedule="constant", mse_weight=1.0, lpips_weight=10.0,
+                   optimize_noise=False, noise_weight=0.0, latent_noise=0.0, f_weight=10.0, pnorm_weight=0.01),
+}
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """Inversion settings. A field left None takes its space's default from SPACE_DEFAULTS."""
+
+    space: str = "wplus"  # w | wplus | s | fwplus
+    steps: int | None = None  # optimisation steps per image
+    lr: float | None = None  # peak Adam learning rate
+    lr_schedule: str | None = None  # "ramp" (projector) | "constant"
+    mse_weight: float | None = None  # weight of the full-resolution MSE
+    lpips_weight: float | None = None  # weight of LPIPS at <= 256 px
+    lpips_net: str = "vgg"  # vgg | alex
+    lpips_backbone: str = "imagenet"  # imagenet (torch hub cache) | random (explicit opt-in; recorded per row)
+    optimize_noise: bool | None = None  # optimise per-image noise maps (else the generator's constant buffers)
+    noise_weight: float | None = None  # weight of the noise autocorrelation penalty
+    latent_noise: float | None = None  # exploration noise, as a fraction of sigma_w
+    base_level: int = 16  # fwplus: resolution of the base code F
+    f_weight: float | None = None  # fwplus: weight of mean((F - F0)^2)
+    pnorm_weight: float | None = None  # weight of the P_N+ penalty on W+ (w, wplus, fwplus)
+    seed: int = 0  # combined with each key for per-image randomness
+    w_stats_samples: int = 10_000  # z samples for w_avg (when the checkpoint has none) and sigma_w
+    pnorm_samples: int = 100_000  # z samples for the P-space statistics
+    cache_dir: str | None = None  # where derived statistics are cached by generator id
+    autocast: bool = True  # bfloat16 autocast for synthesis and LPIPS on CUDA (never on CPU)
+
+    def resolved(self) -> "InvertConfig":
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        defaults = SPACE_DEFAULTS[self.space]
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+def key_generator(seed: int, key: str) -> torch.Generator:
+    """A CPU torch.Generator determined by (seed, key) only."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def learning_rate(cfg: InvertConfig, step: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = step / cfg.steps
+    ramp = min(1.0, (1.0 - t) / 0.25)
+    return cfg.lr * (0.5 - 0.5 * math.cos(math.pi * ramp)) * min(1.0, t / 0.05)
+
+
+def per_image_randn(gens: list[torch.Generator], shape: tuple, device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _perceptual(net: str, backbone: str):
+    from models.perceptual import Perceptual
+
+    return Perceptual(net, backbone)
+
+
+@torch.no_grad()
+def w_statistics(G, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """(w_avg [D], sigma_w): the checkpoint's w_avg when it has one, and the RMS distance of n mapped samples."""
+    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(G.input.input.device)
+    w = G.mapping(z)
+    mean = w.mean(0)
+    sigma = ((w - mean).square().sum() / n).sqrt().item()
+    return (G.w_avg if G.w_avg is not None else mean), sigma
+
+
+class Inverter:
+    """Holds what every batch needs (perceptual net, statistics) so a worker pays for it once.
+
+    `run(images [B,3,H,W] in [-1,1], keys [B]) -> dict` (see `invert`). `encoder`, optional, is a module with
+    `kind` "wplus" (pSp/e4e: images -> W+) or "base_code" (BDInvert: images -> F) used as the starting point.
+    """
+
+    def __init__(self, G, config: InvertConfig, encoder=None, perceptual=None):
+        self.G, self.cfg, self.encoder = G, config.resolved(), encoder
+        self.device = G.input.input.device
+        self.perceptual = (perceptual or _perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(self.device)
+        self.w_avg, self.sigma_w = w_statistics(G, self.cfg.w_stats_samples, self.cfg.seed)
+        self.p_stats = None
+        if self.cfg.pnorm_weight and self.cfg.space != "s":
+            self.p_stats = load_or_compute_p_space_stats(G, self.cfg.pnorm_samples, self.cfg.seed,
+                                                         self.cfg.cache_dir).to(self.device)
+        if self.cfg.space == "fwplus":
+            G._check_level(self.cfg.base_level)
+        if encoder is not None and encoder.kind != ("base_code" if self.cfg.space == "fwplus" else "wplus"):
+            raise ValueError(f"a {encoder.kind} encoder cannot start a {self.cfg.space} inversion")
+
+    # ----- variables ---------------------------------------------------------------------------------------------
+    def _initial_variables(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        G, cfg, b = self.G, self.cfg, images.shape[0]
+        with torch.no_grad():
+            start = self.w_avg.reshape(1, 1, -1).expand(b, G.n_latent, -1)
+            if self.encoder is not None and self.encoder.kind == "wplus":
+                start = self.encoder(images)
+            if cfg.space == "w":
+                return {"w": start[:, 0].clone()}
+            if cfg.space == "wplus":
+                return {"wplus": start.clone()}
+            if cfg.space == "s":
+                return {"styles": G.styles_to_vector(G.styles(start)).clone()}
+            if self.encoder is not None:
+                base = self.encoder(images)
+            else:
+                base = G.base_code(start[:1], cfg.base_level).expand(b, -1, -1, -1)
+            return {"wplus": start.clone(), "base_code": base.clone()}
+
+    def _render(self, v: dict[str, torch.Tensor], noise, sigma: float, gens) -> torch.Tensor:
+        G, cfg = self.G, self.cfg
+        if cfg.space == "s":
+            s = v["styles"]
+            if sigma > 0:
+                s = s + sigma * per_image_randn(gens, s.shape[1:], s.device)
+            return G.synthesis_from_styles(s, noise=noise)
+        latent = v["w"] if cfg.space == "w" else v["wplus"]
+        if sigma > 0:
+            latent = latent + sigma * per_image_randn(gens, latent.shape[1:], latent.device)
+        if cfg.space == "fwplus":
+            return G.synthesis_from_base_code(v["base_code"], latent, cfg.base_level, noise=noise)
+        return G.synthesis(G.to_wplus(latent), noise=noise)
+
+    def _loss(self, img, target, v, base0, noises) -> torch.Tensor:
+        """Per-image objective [B]."""
+        cfg = self.cfg
+        loss = cfg.lpips_weight * self.perceptual(img, target) if cfg.lpips_weight else 0
+        if cfg.mse_weight:
+            loss = loss + cfg.mse_weight * metrics.mse(img, target)
+        if cfg.optimize_noise and cfg.noise_weight:
+            loss = loss + cfg.noise_weight * noise_regularizer(noises)
+        if cfg.space == "fwplus" and cfg.f_weight:
+            loss = loss + cfg.f_weight * (v["base_code"] - base0).square().mean(dim=(1, 2, 3))
+        if self.p_stats is not None:
+            loss = loss + cfg.pnorm_weight * pnorm_penalty(self.G.to_wplus(v.get("w", v.get("wplus"))), self.p_stats)
+        return loss
+
+    # ----- the loop ----------------------------------------------------------------------------------------------
+    def run(self, images: torch.Tensor, keys: list[str]) -> dict:
+        G, cfg = self.G, self.cfg
+        if images.shape[1:] != (3, G.size, G.size):
+            raise ValueError(f"images must be [B, 3, {G.size}, {G.size}], got {list(images.shape)}")
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"{len(keys)} keys for {images.shape[0]} images")
+        t0 = time.perf_counter()
+        target = images.to(self.device, torch.float32)
+        gens = [key_generator(cfg.seed, k) for k in keys]
+        v = {k: t.requires_grad_(True) for k, t in self._initial_variables(target).items()}
+        base0 = v["base_code"].detach().clone() if "base_code" in v else None
+        if cfg.optimize_noise:
+            noises = [per_image_randn(gens, buf.shape[1:], self.device).requires_grad_(True)
+                      for buf in G.make_noise(1, "const")]
+        else:
+            noises = G.make_noise(1, "const")
+        params = list(v.values()) + (noises if cfg.optimize_noise else [])
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        use_autocast = cfg.autocast and self.device.type == "cuda"
+        for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            sigma = self.sigma_w * cfg.latent_noise * max(0.0, 1 - step / cfg.steps / 0.75) ** 2
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                img = self._render(v, noises, sigma, gens)
+                loss = self._loss(img.float(), target, v, base0, noises)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            if cfg.optimize_noise:
+                normalize_noise_(noises)
+        return self._result(v, noises, target, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _result(self, v, noises, target, seconds: float) -> dict:
+        cfg, b = self.cfg, target.shape[0]
+        recon = self._render(v, noises, 0.0, None).float()
+        out = {name: t.detach() for name, t in v.items()}
+        if "w" in out:
+            out["wplus"] = self.G.to_wplus(out.pop("w")).contiguous()
+        out.update(recon=recon, mse=metrics.mse(recon, target), psnr=metrics.psnr(recon, target),
+                   lpips=self.perceptual(recon, target),
+                   steps=torch.full((b,), cfg.steps), seconds=torch.full((b,), seconds / b),
+                   lpips_net=cfg.lpips_net, lpips_backbone=self.perceptual.backbone)
+        if cfg.optimize_noise:
+            out["noises"] = [n.detach() for n in noises]
+        return out
+
+
+def invert(G, images: torch.Tensor, keys: list[str], config: InvertConfig, encoder=None) -> dict:
+    """Invert a batch. Returns `wplus` [B,L,D] (w, wplus, fwplus), `styles` [B,n_S] (s), `base_code` [B,C,s,s]
+    (fwplus), `recon` [B,3,H,W], per-image `mse`, `psnr`, `lpips`, `steps`, `seconds` [B], `noises` (when
+    optimised), and the `lpips_net` / `lpips_backbone` labels."""
+    return Inverter(G, config, encoder=encoder).run(images, keys)

@@ -1,0 +1,19 @@
+"""Per-image reconstruction metrics on images in [-1, 1]: [B, 3, H, W] pairs -> [B]."""
+
+from __future__ import annotations
+
+import torch
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).square().mean(dim=(1, 2, 3))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """10 log10(4 / MSE): the peak-to-peak range of [-1, 1] is 2."""
+    return 10 * torch.log10(4.0 / mse(a, b).clamp_min(1e-12))
+
+
+def identity_similarity(embed, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of face-identity embeddings (`embed` returns L2-normalised [B, E])."""
+    return (embed(a) * embed(b)).sum(dim=1)

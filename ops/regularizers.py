@@ -1,0 +1,99 @@
+"""Latent-space regularisers: the P_N+ penalty (Zhu et al. 2020, used by BDInvert) and the projector's noise-map
+regulariser. Everything is per image: [B, ...] in, [B] out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+P_SLOPE = 5.0  # leaky ReLU slope that undoes the mapping network's last 0.2 slope
+
+
+@dataclass
+class PSpaceStats:
+    """Mean `mean` [D], eigenvalues `eigvals` [D] (descending) and eigenvectors `eigvecs` [D, D] (columns) of
+    x = LReLU_5(mapping(z)), from `n` samples of one generator."""
+
+    mean: torch.Tensor
+    eigvals: torch.Tensor
+    eigvecs: torch.Tensor
+    n: int
+
+    def to(self, device) -> "PSpaceStats":
+        return PSpaceStats(self.mean.to(device), self.eigvals.to(device), self.eigvecs.to(device), self.n)
+
+
+def to_p_space(w: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(w, P_SLOPE)
+
+
+@torch.no_grad()
+def compute_p_space_stats(G, n: int, seed: int = 0, batch: int = 10_000) -> PSpaceStats:
+    """Mean and unbiased covariance accumulated in float64 over n mapped samples, then a symmetric eigensolver."""
+    gen = torch.Generator().manual_seed(seed)
+    device = G.input.input.device
+    total = torch.zeros(G.style_dim, dtype=torch.float64)
+    outer = torch.zeros(G.style_dim, G.style_dim, dtype=torch.float64)
+    for start in range(0, n, batch):
+        z = torch.randn(min(batch, n - start), G.style_dim, generator=gen).to(device)
+        x = to_p_space(G.mapping(z)).double().cpu()
+        total += x.sum(0)
+        outer += x.t() @ x
+    mean = total / n
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    order = torch.argsort(eigvals, descending=True)
+    return PSpaceStats(mean.float(), eigvals[order].float(), eigvecs[:, order].float(), n)
+
+
+def load_or_compute_p_space_stats(G, n: int, seed: int = 0, cache_dir: str | None = None) -> PSpaceStats:
+    """Cached by generator id (a file per generator, sample count and seed) when `cache_dir` is given."""
+    path = None
+    if cache_dir and getattr(G, "generator_id", None):
+        path = Path(cache_dir) / f"pspace-{G.generator_id[:16]}-n{n}-s{seed}.pt"
+        if path.exists():
+            d = torch.load(path, weights_only=True)
+            return PSpaceStats(d["mean"], d["eigvals"], d["eigvecs"], d["n"])
+    stats = compute_p_space_stats(G, n, seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"mean": stats.mean, "eigvals": stats.eigvals, "eigvecs": stats.eigvecs, "n": n}, tmp)
+        tmp.replace(path)
+    return stats
+
+
+def pnorm_penalty(wplus: torch.Tensor, stats: PSpaceStats) -> torch.Tensor:
+    """mean over rows and channels of v^2, v = Lambda^-1/2 C^T (LReLU_5(w) - mu), per image: [B, L, D] -> [B].
+    Its expected value over the generator's own samples is 1; eigenvalues are floored only against division by 0."""
+    floor = stats.eigvals.max() * 1e-12
+    v = ((to_p_space(wplus) - stats.mean) @ stats.eigvecs) * torch.rsqrt(stats.eigvals.clamp_min(floor))
+    return v.square().mean(dim=tuple(range(1, v.ndim)))
+
+
+def noise_regularizer(noises: list[torch.Tensor]) -> torch.Tensor:
+    """Projector noise penalty per image: squared 1-pixel circular autocorrelations (x and y) of every map, at every
+    2x box-downsampled level down to 8x8. noises: list of [B, 1, r, r] -> [B]."""
+    total = 0
+    for noise in noises:
+        size = noise.shape[-1]
+        while True:
+            total = total + (noise * torch.roll(noise, 1, dims=3)).mean(dim=(1, 2, 3)).square() \
+                + (noise * torch.roll(noise, 1, dims=2)).mean(dim=(1, 2, 3)).square()
+            if size <= 8:
+                break
+            noise = F.avg_pool2d(noise, 2)
+            size //= 2
+    return total
+
+
+@torch.no_grad()
+def normalize_noise_(noises: list[torch.Tensor]) -> None:
+    """In place, per image: zero mean, unit (unbiased) std, as the projector does after every step."""
+    for noise in noises:
+        mean = noise.mean(dim=(1, 2, 3), keepdim=True)
+        std = noise.std(dim=(1, 2, 3), keepdim=True)
+        noise.sub_(mean).div_(std)

@@ -1,0 +1,84 @@
+"""LPIPS wrapper against the lpips goldens, offline refusal, and the regularisers against independent references."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import load_cases
+from models.default_generator import load_default_generator
+from models.perceptual import Perceptual, PerceptualWeightsMissing, box_downsample
+from ops.regularizers import compute_p_space_stats, noise_regularizer, normalize_noise_, pnorm_penalty
+
+
+@pytest.mark.parametrize("net", ["vgg", "alex"])
+def test_random_backbone_lpips_matches_goldens(net):
+    c = load_cases("lpips", "lpips_random_backbone_cases.pt")
+    P = Perceptual(net, backbone="random")
+    assert P.backbone == "random"
+    with torch.no_grad():
+        np.testing.assert_allclose(P(c["x0"], c["x1"]), c[f"{net}_d"].reshape(-1), atol=1e-6)
+        np.testing.assert_allclose(P(c["y0"], c["y1"]), c[f"{net}_d_nonsquare"].reshape(-1), atol=1e-6)
+
+
+def test_missing_imagenet_backbone_is_refused_with_the_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PerceptualWeightsMissing, match=r"vgg16-397923af\.pth in .*hub/checkpoints"):
+        Perceptual("vgg")
+
+
+def test_box_downsample_is_a_block_mean():
+    x = torch.randn(2, 3, 512, 512)
+    y = box_downsample(x)
+    assert y.shape == (2, 3, 256, 256)
+    assert torch.allclose(y[0, 1, 3, 5], x[0, 1, 6:8, 10:12].mean())
+    small = torch.randn(1, 3, 64, 64)
+    assert box_downsample(small) is small
+
+
+def test_pnorm_penalty_is_one_on_the_generators_own_samples_and_large_elsewhere():
+    G = load_default_generator()
+    stats = compute_p_space_stats(G, n=20_000, seed=1)
+    assert torch.all(stats.eigvals[:-1] >= stats.eigvals[1:])
+    z = torch.randn(2000, G.style_dim, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        own = pnorm_penalty(G.mapping(z).reshape(200, 10, -1), stats)
+    assert abs(own.mean().item() - 1.0) < 0.1
+    arbitrary = pnorm_penalty(torch.randn(200, 10, G.style_dim, generator=torch.Generator().manual_seed(8)), stats)
+    assert arbitrary.min() > 20 * own.mean()
+
+
+def test_p_space_stats_match_numpy():
+    G = load_default_generator()
+    stats = compute_p_space_stats(G, n=3000, seed=2, batch=1000)
+    z = torch.randn(3000, G.style_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        w = G.mapping(z).double().numpy()
+    x = np.where(w >= 0, w, 5.0 * w)
+    np.testing.assert_allclose(stats.mean, x.mean(0), atol=1e-5)
+    cov = np.cov(x, rowvar=False)
+    recon = stats.eigvecs.double().numpy() @ np.diag(stats.eigvals.double().numpy()) @ stats.eigvecs.double().numpy().T
+    np.testing.assert_allclose(recon, cov, atol=1e-4 * np.abs(cov).max())
+
+
+def numpy_noise_penalty(maps):
+    total = 0.0
+    for n in maps:
+        while True:
+            total += np.mean(n * np.roll(n, 1, axis=1)) ** 2 + np.mean(n * np.roll(n, 1, axis=0)) ** 2
+            if n.shape[0] <= 8:
+                break
+            n = n.reshape(n.shape[0] // 2, 2, n.shape[1] // 2, 2).mean(axis=(1, 3))
+    return total
+
+
+def test_noise_regularizer_is_per_image_and_matches_numpy():
+    gen = torch.Generator().manual_seed(0)
+    noises = [torch.randn(3, 1, r, r, generator=gen) for r in (4, 8, 16, 32)]
+    noises[1][2] += torch.linspace(0, 1, 8)  # a correlated map for image 2 only
+    got = noise_regularizer(noises)
+    for b in range(3):
+        assert got[b].item() == pytest.approx(numpy_noise_penalty([n[b, 0].numpy() for n in noises]), rel=1e-5)
+    normalize_noise_(noises)
+    for n in noises:
+        assert torch.allclose(n.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-6)
+        assert torch.allclose(n.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-5)
