@@ -128,6 +128,8 @@ class Inverter:
             G._check_level(self.cfg.base_level)
         if encoder is not None and encoder.kind != ("base_code" if self.cfg.space == "fwplus" else "wplus"):
             raise ValueError(f"a {encoder.kind} encoder cannot start a {self.cfg.space} inversion")
+        if encoder is not None and encoder.kind == "base_code" and encoder.level != self.cfg.base_level:
+            raise ValueError(f"the base-code encoder outputs level {encoder.level}, config asks {self.cfg.base_level}")
 
     # ----- variables ---------------------------------------------------------------------------------------------
     def _initial_variables(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,64 @@
+"""BDInvert base-code encoder: architecture rule, the shipped small encoder, pairing, and its use as a start."""
+
+import pytest
+import torch
+
+from models.checkpoints import CheckpointError
+from models.default_generator import DEFAULT_GENERATOR_PATH, load_default_generator
+from models.encoders import BaseCodeEncoder, load_basecode_encoder
+from ops import metrics
+from ops.invert import InvertConfig, invert
+from ops.train_encoder import EncoderTrainConfig, train_basecode_encoder, training_batch
+
+SHIPPED = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l8.pt")
+FAST = dict(lpips_net="alex", lpips_backbone="random")
+
+
+def test_release_architecture_shape_rule():
+    enc = BaseCodeEncoder(level=16, out_channels=512)
+    convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 11 and [c.out_channels for c in convs[:9:3]] == [128, 256, 512]
+    assert enc.input_size == 128
+    assert enc.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 512, 16, 16)
+
+
+def test_shipped_encoder_pairs_only_with_its_generator_and_beats_the_mean_start():
+    G = load_default_generator()
+    enc = load_basecode_encoder(str(SHIPPED), generator=G)
+    wplus, images = training_batch(G, 8, torch.Generator().manual_seed(999))
+    with torch.no_grad():
+        from_encoder = G.synthesis_from_base_code(enc(images), wplus, 8)
+        from_mean = G.synthesis_from_base_code(G.base_code(G.w_avg[None], 8).expand(8, -1, -1, -1), wplus, 8)
+    assert metrics.psnr(from_encoder, images).mean() > metrics.psnr(from_mean, images).mean() + 3
+    other = load_generator_copy_with_other_id(G)
+    with pytest.raises(CheckpointError, match="trained for generator"):
+        load_basecode_encoder(str(SHIPPED), generator=other)
+
+
+def load_generator_copy_with_other_id(G):
+    from models.checkpoints import load_generator
+
+    other = load_generator(str(DEFAULT_GENERATOR_PATH))
+    other.generator_id = "0" * 64
+    return other
+
+
+def test_fwplus_inversion_starts_from_the_encoder():
+    G = load_default_generator()
+    enc = load_basecode_encoder(str(SHIPPED), generator=G)
+    _, images = training_batch(G, 2, torch.Generator().manual_seed(5))
+    cfg = InvertConfig(space="fwplus", base_level=8, steps=1, lr=0.0, **FAST)
+    out = invert(G, images, ["a", "b"], cfg, encoder=enc)
+    with torch.no_grad():
+        assert torch.equal(out["base_code"], enc(images))
+    with pytest.raises(ValueError, match="outputs level 8"):
+        invert(G, images, ["a", "b"], InvertConfig(space="fwplus", base_level=16, steps=1, **FAST), encoder=enc)
+    with pytest.raises(ValueError, match="cannot start a wplus"):
+        invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=1, **FAST), encoder=enc)
+
+
+def test_training_records_the_generator_and_runs_the_release_loop():
+    G = load_default_generator()
+    enc = train_basecode_encoder(G, EncoderTrainConfig(level=8, steps=2, batch_size=2, width=8, max_width=16, **FAST))
+    assert enc.generator_id == G.generator_id and not enc.training
+    assert enc(torch.zeros(1, 3, 64, 64)).shape == (1, G.channels[8], 8, 8)
