@@ -1,7 +1,9 @@
 """Encoders that give inversion its starting point.
 
-`BaseCodeEncoder` (BDInvert, spec/bdinvert.md §2.1): a VGG-like stack, image -> base code F [B, C, s, s].
-Its checkpoint records the generator it was trained for and refuses to pair with another one.
+* `BaseCodeEncoder` (BDInvert, spec/bdinvert.md §2.1): a VGG-like stack, image -> base code F [B, C, s, s].
+  Its checkpoint records the generator it was trained for and refuses to pair with another one.
+* `StyleEncoder`: pSp's GradualStyleEncoder and e4e's Encoder4Editing (the same modules; e4e predicts row 0 and
+  adds deltas to it), on the IR-SE50 backbone, loaded from the official checkpoints (reference/encoders/README.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.stylegan2 import EqualLinear
 
 BASECODE_FORMAT = "latentray.basecode_encoder"
 
@@ -79,4 +83,150 @@ def load_basecode_encoder(path: str, generator=None) -> BaseCodeEncoder:
     if generator is not None and getattr(generator, "generator_id", None) != encoder.generator_id:
         raise CheckpointError(f"{path}: this base-code encoder was trained for generator "
                               f"{str(encoder.generator_id)[:12]}, not {str(getattr(generator, 'generator_id', None))[:12]}")
+    return encoder.eval().requires_grad_(False)
+
+
+# ----- pSp / e4e ---------------------------------------------------------------------------------------------------
+IRSE50_UNITS = (3, 4, 14, 3)  # units per stage; the first unit of every stage has stride 2
+TAPS = (6, 20, 23)  # body units whose outputs feed the feature pyramid (c1, c2, c3)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1, bias=False)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * gate
+
+
+class IRSEUnit(nn.Module):
+    """bottleneck_IR_SE: BN -> conv3x3 -> PReLU -> conv3x3(stride) -> BN -> SE, plus a (subsampling) shortcut."""
+
+    def __init__(self, cin: int, depth: int, stride: int):
+        super().__init__()
+        if cin == depth:
+            self.shortcut_layer = nn.MaxPool2d(1, stride)
+        else:
+            self.shortcut_layer = nn.Sequential(nn.Conv2d(cin, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+        self.res_layer = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, depth, 3, 1, 1, bias=False),
+                                       nn.PReLU(depth), nn.Conv2d(depth, depth, 3, stride, 1, bias=False),
+                                       nn.BatchNorm2d(depth), SqueezeExcite(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res_layer(x) + self.shortcut_layer(x)
+
+
+def irse_body(widths: list[int], cin: int) -> nn.Sequential:
+    units = []
+    for depth, n in zip(widths, IRSE50_UNITS):
+        for i in range(n):
+            units.append(IRSEUnit(cin, depth, 2 if i == 0 else 1))
+            cin = depth
+    return nn.Sequential(*units)
+
+
+class GradualStyleBlock(nn.Module):
+    """map2style: log2(spatial) stride-2 3x3 convs (LeakyReLU slope 0.01) to 1x1, then an equalised linear."""
+
+    def __init__(self, cin: int, cout: int, spatial: int):
+        super().__init__()
+        layers = []
+        for i in range(int(math.log2(spatial))):
+            layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, 2, 1), nn.LeakyReLU()]
+        self.convs = nn.Sequential(*layers)
+        self.linear = EqualLinear(cout, cout)
+        self.cout = cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.convs(x).reshape(-1, self.cout))
+
+
+class StyleEncoder(nn.Module):
+    """pSp (`delta_rows=False`) or e4e (`delta_rows=True`) encoder: images [B,3,H,W] in [-1,1] -> W+ [B,n_styles,D].
+
+    Images are resized to 256 (bilinear, antialiased when shrinking). `latent_avg` ([n_styles, D] or [D]) is added
+    when the checkpoint was trained with start_from_latent_avg, so the output is a usable W+ latent.
+    """
+
+    kind = "wplus"
+
+    def __init__(self, widths: list[int], style_dim: int, n_styles: int, delta_rows: bool = False,
+                 latent_avg: torch.Tensor | None = None):
+        super().__init__()
+        self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                         nn.PReLU(widths[0]))
+        self.body = irse_body(widths, widths[0])
+        self.styles = nn.ModuleList(
+            GradualStyleBlock(widths[3], style_dim, 16 if i < 3 else 32 if i < 7 else 64) for i in range(n_styles))
+        self.latlayer1 = nn.Conv2d(widths[2], widths[3], 1)
+        self.latlayer2 = nn.Conv2d(widths[1], widths[3], 1)
+        self.delta_rows, self.n_styles = delta_rows, n_styles
+        self.register_buffer("latent_avg", None if latent_avg is None else latent_avg.float(), persistent=False)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c3, p2, p1): the coarse tap and the two pyramid levels the style blocks read."""
+        x = self.input_layer(images)
+        taps = []
+        for i, unit in enumerate(self.body):
+            x = unit(x)
+            if i in TAPS:
+                taps.append(x)
+        c1, c2, c3 = taps
+        p2 = F.interpolate(c3, size=c2.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer1(c2)
+        p1 = F.interpolate(p2, size=c1.shape[-2:], mode="bilinear", align_corners=True) + self.latlayer2(c1)
+        return c3, p2, p1
+
+    def raw_codes(self, images: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        """Encoder output before latent_avg. e4e: `stage` = how many delta rows to add (None = all)."""
+        feats = self.features(images)
+        source = [feats[0 if i < 3 else 1 if i < 7 else 2] for i in range(self.n_styles)]
+        if not self.delta_rows:
+            return torch.stack([block(f) for block, f in zip(self.styles, source)], dim=1)
+        w0 = self.styles[0](source[0])
+        w = w0[:, None].repeat(1, self.n_styles, 1)
+        last = self.n_styles - 1 if stage is None else min(stage, self.n_styles - 1)
+        for i in range(1, last + 1):
+            w[:, i] = w[:, i] + self.styles[i](source[i])
+        return w
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != 256:
+            images = F.interpolate(images, size=(256, 256), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > 256)
+        codes = self.raw_codes(images)
+        return codes if self.latent_avg is None else codes + self.latent_avg
+
+
+def load_style_encoder(path: str) -> StyleEncoder:
+    """An official pSp or e4e checkpoint (`{'state_dict': {'encoder.*', 'decoder.*'}, 'opts', 'latent_avg'}`),
+    weights_only; the kind comes from opts['encoder_type'] and the widths from the tensors."""
+    from models.checkpoints import CheckpointError, read_bytes
+
+    import io
+
+    obj = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or "state_dict" not in obj or "opts" not in obj:
+        raise CheckpointError(f"{path}: expected a pSp/e4e checkpoint with 'state_dict' and 'opts', found "
+                              f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}")
+    opts = obj["opts"]
+    kind = opts.get("encoder_type", "GradualStyleEncoder")
+    if kind not in ("GradualStyleEncoder", "Encoder4Editing"):
+        raise CheckpointError(f"{path}: encoder_type {kind!r} is not supported (GradualStyleEncoder, Encoder4Editing)")
+    sd = {k[len("encoder."):]: v for k, v in obj["state_dict"].items() if k.startswith("encoder.")}
+    n_units = len({k.split(".")[1] for k in sd if k.startswith("body.")})
+    if n_units != sum(IRSE50_UNITS):
+        raise CheckpointError(f"{path}: expected the IR-SE50 body ({sum(IRSE50_UNITS)} units), found {n_units}")
+    starts = [0, 3, 7, 21]
+    widths = [sd[f"body.{u}.res_layer.1.weight"].shape[0] for u in starts]
+    n_styles = len({k.split(".")[1] for k in sd if k.startswith("styles.")})
+    style_dim = sd["styles.0.linear.weight"].shape[0]
+    latent_avg = obj.get("latent_avg") if opts.get("start_from_latent_avg", False) else None
+    encoder = StyleEncoder(widths, style_dim, n_styles, delta_rows=kind == "Encoder4Editing", latent_avg=latent_avg)
+    try:
+        encoder.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: encoder weights do not fit a {kind}: {exc}") from None
     return encoder.eval().requires_grad_(False)

@@ -42,6 +42,10 @@ SPACE_DEFAULTS = {
 }
 
 
+# "Hybrid" inversion (spec/stylespace.md §6): an encoder's W+ refined by 100-300 projector steps.
+HYBRID_STEPS = 200
+
+
 @dataclass(frozen=True)
 class InvertConfig:
     """Inversion settings. A field left None takes its space's default from SPACE_DEFAULTS."""
@@ -66,10 +70,13 @@ class InvertConfig:
     cache_dir: str | None = None  # where derived statistics are cached by generator id
     autocast: bool = True  # bfloat16 autocast for synthesis and LPIPS on CUDA (never on CPU)
 
-    def resolved(self) -> "InvertConfig":
+    def resolved(self, encoder_start: bool = False) -> "InvertConfig":
+        """Fill None fields from the space's defaults; an encoder (W+) start takes the hybrid recipe's step count."""
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
         defaults = SPACE_DEFAULTS[self.space]
+        if encoder_start and self.space != "fwplus":
+            defaults = {**defaults, "steps": HYBRID_STEPS}
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
@@ -116,7 +123,8 @@ class Inverter:
     """
 
     def __init__(self, G, config: InvertConfig, encoder=None, perceptual=None):
-        self.G, self.cfg, self.encoder = G, config.resolved(), encoder
+        self.G, self.encoder = G, encoder
+        self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
         self.device = G.input.input.device
         self.perceptual = (perceptual or _perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(self.device)
         self.w_avg, self.sigma_w = w_statistics(G, self.cfg.w_stats_samples, self.cfg.seed)
@@ -138,6 +146,9 @@ class Inverter:
             start = self.w_avg.reshape(1, 1, -1).expand(b, G.n_latent, -1)
             if self.encoder is not None and self.encoder.kind == "wplus":
                 start = self.encoder(images)
+                if start.shape[1:] != (G.n_latent, G.style_dim):
+                    raise ValueError(f"encoder gives W+ {list(start.shape[1:])}, generator needs "
+                                     f"{[G.n_latent, G.style_dim]}")
             if cfg.space == "w":
                 return {"w": start[:, 0].clone()}
             if cfg.space == "wplus":

@@ -62,3 +62,74 @@ def test_training_records_the_generator_and_runs_the_release_loop():
     enc = train_basecode_encoder(G, EncoderTrainConfig(level=8, steps=2, batch_size=2, width=8, max_width=16, **FAST))
     assert enc.generator_id == G.generator_id and not enc.training
     assert enc(torch.zeros(1, 3, 64, 64)).shape == (1, G.channels[8], 8, 8)
+
+
+# ----- pSp / e4e -------------------------------------------------------------------------------------------------
+from conftest import load_cases, reference_file  # noqa: E402
+from models.encoders import StyleEncoder, load_style_encoder  # noqa: E402
+
+
+def close(actual, expected, tol=1e-4):
+    assert actual.shape == expected.shape and (actual - expected).abs().max() <= tol
+
+
+def e4e_checkpoint(tmp_path):
+    ckpt = torch.load(reference_file("encoders", "small_psp_encoder.pt"), weights_only=True)
+    ckpt["opts"] = {**ckpt["opts"], "encoder_type": "Encoder4Editing"}
+    path = tmp_path / "e4e.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_psp_reproduces_goldens_including_features_and_latent_avg():
+    c = load_cases("encoders", "small_encoder_cases.pt")
+    enc = load_style_encoder(str(reference_file("encoders", "small_psp_encoder.pt")))
+    assert enc.kind == "wplus" and not enc.delta_rows
+    taps = {}
+    handles = [enc.body[i].register_forward_hook(lambda m, a, o, i=i: taps.__setitem__(i, o)) for i in (6, 20, 23)]
+    with torch.no_grad():
+        close(enc.raw_codes(c["x"]), c["psp_codes_raw"])
+        close(enc(c["x"]), c["psp_codes_plus_latent_avg"])
+    for h in handles:
+        h.remove()
+    close(taps[6], c["c1_body6"])
+    close(taps[20], c["c2_body20"])
+    close(taps[23], c["c3_body23"])
+
+
+def test_e4e_adds_delta_rows_to_row_zero(tmp_path):
+    c = load_cases("encoders", "small_encoder_cases.pt")
+    enc = load_style_encoder(str(e4e_checkpoint(tmp_path)))
+    assert enc.delta_rows
+    with torch.no_grad():
+        close(enc.raw_codes(c["x"]), c["e4e_codes_raw"])
+        close(enc.raw_codes(c["x"], stage=3), c["e4e_codes_raw_stage3"])
+        close(enc.raw_codes(c["x"], stage=0), c["e4e_codes_raw_stage0"])
+        close(enc(c["x"]), c["e4e_codes_plus_latent_avg"])
+
+
+def test_style_encoder_checkpoint_errors(tmp_path):
+    path = tmp_path / "wrong.pt"
+    torch.save({"state_dict": {}, "opts": {"encoder_type": "ResNetBackboneEncoder"}}, path)
+    with pytest.raises(CheckpointError, match="'ResNetBackboneEncoder' is not supported"):
+        load_style_encoder(str(path))
+    torch.save({"g_ema": {}}, path)
+    with pytest.raises(CheckpointError, match="expected a pSp/e4e checkpoint"):
+        load_style_encoder(str(path))
+
+
+def test_encoder_w_plus_is_the_hybrid_start():
+    G = load_default_generator()
+    torch.manual_seed(0)
+    enc = StyleEncoder([16, 16, 16, 16], G.style_dim, G.n_latent, latent_avg=G.w_avg).eval()
+    _, images = training_batch(G, 2, torch.Generator().manual_seed(4))
+    out = invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=1, lr=0.0, **FAST), encoder=enc)
+    styles = invert(G, images, ["a", "b"], InvertConfig(space="s", steps=1, lr=0.0, **FAST), encoder=enc)
+    with torch.no_grad():
+        close(out["wplus"], enc(images), 0)
+        close(styles["styles"], G.styles_to_vector(G.styles(enc(images))), 0)
+    from ops.invert import Inverter
+    assert Inverter(G, InvertConfig(space="wplus", **FAST), encoder=enc).cfg.steps == 200  # hybrid default
+    wrong = StyleEncoder([16, 16, 16, 16], G.style_dim, 18).eval()
+    with pytest.raises(ValueError, match=r"encoder gives W\+ \[18, 128\]"):
+        invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=1, **FAST), encoder=wrong)
