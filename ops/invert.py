@@ -122,8 +122,8 @@ class Inverter:
     `kind` "wplus" (pSp/e4e: images -> W+) or "base_code" (BDInvert: images -> F) used as the starting point.
     """
 
-    def __init__(self, G, config: InvertConfig, encoder=None, perceptual=None):
-        self.G, self.encoder = G, encoder
+    def __init__(self, G, config: InvertConfig, encoder=None, perceptual=None, identity=None):
+        self.G, self.encoder, self.identity = G, encoder, identity
         self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
         self.device = G.input.input.device
         self.perceptual = (perceptual or _perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(self.device)
@@ -234,13 +234,16 @@ class Inverter:
                    lpips=self.perceptual(recon, target),
                    steps=torch.full((b,), cfg.steps), seconds=torch.full((b,), seconds / b),
                    lpips_net=cfg.lpips_net, lpips_backbone=self.perceptual.backbone)
+        if self.identity is not None:
+            out["id_sim"] = metrics.identity_similarity(self.identity, recon, target)
         if cfg.optimize_noise:
             out["noises"] = [n.detach() for n in noises]
         return out
 
 
-def invert(G, images: torch.Tensor, keys: list[str], config: InvertConfig, encoder=None) -> dict:
+def invert(G, images: torch.Tensor, keys: list[str], config: InvertConfig, encoder=None, identity=None) -> dict:
     """Invert a batch. Returns `wplus` [B,L,D] (w, wplus, fwplus), `styles` [B,n_S] (s), `base_code` [B,C,s,s]
-    (fwplus), `recon` [B,3,H,W], per-image `mse`, `psnr`, `lpips`, `steps`, `seconds` [B], `noises` (when
-    optimised), and the `lpips_net` / `lpips_backbone` labels."""
-    return Inverter(G, config, encoder=encoder).run(images, keys)
+    (fwplus), `recon` [B,3,H,W], per-image `mse`, `psnr`, `lpips`, `steps`, `seconds` [B], `id_sim` [B] when an
+    `identity` embedder (images -> L2-normalised [B, E]) is given, `noises` (when optimised), and the
+    `lpips_net` / `lpips_backbone` labels."""
+    return Inverter(G, config, encoder=encoder, identity=identity).run(images, keys)

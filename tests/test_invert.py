@@ -119,3 +119,21 @@ def test_similarity_warp_moves_content_by_the_requested_pixels():
     assert shifted[0, 0].argmax().item() == 20 * 64 + 38
     turned = similarity_warp(x, degrees=90)  # about the centre (31.5, 31.5): (row 20, col 30) -> (row 33, col 20)
     assert turned[0, 0].argmax().item() == 33 * 64 + 20
+
+
+def test_identity_similarity_is_reported_when_an_identity_model_is_given(G):
+    _, images = ground_truth(G, 2, seed=6)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2), torch.nn.Flatten())
+
+    def embed(x):
+        e = net(x)
+        return e / e.norm(dim=1, keepdim=True)
+
+    out = invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=3, **FAST), identity=embed)
+    with torch.no_grad():
+        a, b = net(out["recon"]), net(images)
+        expected = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        assert torch.allclose(out["id_sim"], expected, atol=1e-5)
+        assert torch.allclose(metrics.identity_similarity(embed, images, images), torch.ones(2), atol=1e-5)
+    assert "id_sim" not in invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=1, **FAST))
