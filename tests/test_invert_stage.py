@@ -1,0 +1,66 @@
+"""The invert stage's contract without Ray: same rows, same order, failed rows untouched, NaN tensors, per-space
+column groups, and a row's result independent of the batch it lands in."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.default_generator import load_default_generator
+from ops.align import center_crop_resize
+from ops.invert_stage import InvertStage, InvertStageConfig
+
+CFG = InvertStageConfig(spaces=("wplus", "fwplus"), steps=4, base_level=8, lpips_net="alex", lpips_backbone="random")
+
+
+@pytest.fixture(scope="module")
+def stage():
+    st = InvertStage(CFG)
+    st.setup()
+    return st
+
+
+def rows(n, failed=()):
+    G = load_default_generator()
+    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        img = ((G.synthesis(G.mapping(z)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    batch = {"key": np.array([f"k{i}" for i in range(n)], dtype=object),
+             "status": np.array(["ok"] * n, dtype=object), "error_code": np.array([""] * n, dtype=object),
+             "error": np.array([""] * n, dtype=object), "image": img.permute(0, 2, 3, 1).numpy()}
+    for i in failed:
+        batch["status"][i], batch["error_code"][i], batch["error"][i] = "failed", "decode_error", "broken"
+    return batch
+
+
+def test_process_keeps_rows_and_fills_column_groups(stage):
+    batch = rows(3, failed=[1])
+    out = stage.process(batch)
+    assert list(out["key"]) == ["k0", "k1", "k2"]
+    assert list(out["status"]) == ["ok", "failed", "ok"] and out["error_code"][1] == "decode_error"
+    G = stage.G
+    assert out["wplus"].shape == (3, G.n_latent, G.style_dim) and out["wplus"].dtype == np.float32
+    assert out["fwplus_base_code"].shape == (3, G.channels[8], 8, 8)
+    assert np.isnan(out["wplus"][1]).all() and np.isnan(out["fwplus_psnr"][1])
+    assert np.isfinite(out["wplus"][[0, 2]]).all() and np.isfinite(out["wplus_psnr"][[0, 2]]).all()
+    assert set(out["lpips_backbone"]) == {"random"} and set(out["lpips_net"]) == {"alex"}
+    assert batch["status"][1] == "failed" and "wplus" not in batch  # the input batch is not mutated
+
+
+def test_row_result_does_not_depend_on_its_batch(stage):
+    full = stage.process(rows(3))
+    alone = stage.process({k: v[2:3] for k, v in rows(3).items()})
+    assert np.array_equal(full["wplus"][2], alone["wplus"][0])
+    assert np.array_equal(full["fwplus_base_code"][2], alone["fwplus_base_code"][0])
+
+
+def test_bad_config_raises_before_any_row():
+    with pytest.raises(ValueError, match="spaces must be"):
+        InvertStage(InvertStageConfig(spaces=("z",)))
+
+
+def test_center_crop_resize_box():
+    img = np.zeros((40, 100, 3), dtype=np.uint8)
+    img[:, 30:70] = 255  # the centre square
+    out, box = center_crop_resize(img, 16)
+    assert out.shape == (16, 16, 3) and box == [30.0, 0.0, 70.0, 40.0]
+    assert out.min() == 255
