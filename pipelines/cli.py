@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
+  latentray invert --input photos/ --output out/latents --align none --spaces wplus,fwplus --steps 300
   latentray sample --output out/samples.png --n 16
   latentray convert --input network-snapshot-025000.pkl --output ffhq.latentray.pt
 """
@@ -49,6 +50,20 @@ def cmd_convert(args) -> None:
     print(f"converted {G.source_format} generator {G.generator_id[:12]} ({G.size}px) to {args.output}")
 
 
+def cmd_invert(args) -> None:
+    from ops.invert_stage import InvertStageConfig
+    from pipelines.invert import run_invert
+
+    cfg = InvertStageConfig(generator=args.generator or "", spaces=tuple(args.spaces.split(",")), steps=args.steps,
+                            lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, base_level=args.base_level,
+                            basecode_encoder=args.basecode_encoder or "", seed=args.seed, device=args.device)
+    stats = run_invert(args.input, args.output, cfg, align=args.align, batch_size=args.batch_size, limit=args.limit,
+                       overwrite=args.overwrite)
+    rate = stats["rows_processed"] / max(stats["seconds"], 1e-9)
+    print(f"invert: {stats['by_status']} ({stats['already_done']} already done), {rate:.2f} rows/s, "
+          f"errors {stats['by_error'] or 'none'}; outputs in {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentray", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="z seed (default 0)")
     p.add_argument("--psi", type=float, default=1.0, help="truncation psi (default 1: none)")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("invert", help="ingest + align + invert images into latents (Parquet)")
+    p.add_argument("--input", required=True, action="append", help="directory, glob, file or s3:// URI (repeatable)")
+    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    p.add_argument("--generator", help="checkpoint; default: the bundled generator (not a face model)")
+    p.add_argument("--align", default="none", choices=["none"], help="alignment policy (default none)")
+    p.add_argument("--spaces", default="wplus", help="comma list of w,wplus,s,fwplus (default wplus)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: each space's recipe)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--limit", type=int, help="process only the first N inputs (the rest are rows with status skipped)")
+    p.add_argument("--base-level", type=int, default=16, help="F/W+ base-code resolution (default 16)")
+    p.add_argument("--basecode-encoder", help="BDInvert base-code encoder checkpoint for fwplus")
+    p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
+    p.add_argument("--lpips-backbone", default="imagenet", choices=["imagenet", "random"],
+                   help="random = explicit offline opt-in, recorded in every row (not real LPIPS)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output with another configuration")
+    p.set_defaults(func=cmd_invert)
     p = sub.add_parser("convert", help="convert a checkpoint to latentray's own format (no pickle path on reload)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -72,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"latentray: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,89 @@
+"""Parquet storage (DESIGN §4): Arrow canonical fixed-shape tensor columns, atomic part files, resume scan."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+NOT_STORED = ("image",)  # decoded pixels travel between stages but are not part of the latent dataset
+
+
+def to_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
+    """Columns of a processed batch -> Arrow table; float tensors become `arrow.fixed_shape_tensor`."""
+    arrays, names = [], []
+    for name, values in batch.items():
+        if name in NOT_STORED:
+            continue
+        values = np.asarray(values)
+        if values.ndim > 1:
+            arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values)))
+        elif values.dtype == object:
+            arrays.append(pa.array([str(v) for v in values], pa.string()))
+        else:
+            arrays.append(pa.array(values))
+        names.append(name)
+    table = pa.Table.from_arrays(arrays, names=names)
+    return table.replace_schema_metadata({"latentray": json.dumps(metadata, sort_keys=True)})
+
+
+def part_name(keys) -> str:
+    """Named after the keys it holds: a retried batch rewrites the same part instead of adding a duplicate."""
+    return f"part-{hashlib.sha256(chr(0).join(map(str, keys)).encode()).hexdigest()[:20]}.parquet"
+
+
+def write_part(table: pa.Table, out_dir: str) -> str:
+    """Write atomically: locally to a temp name then rename; on object stores one PUT when the file closes."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    name = part_name(table.column("key").to_pylist())
+    final = posixpath.join(root, name)
+    if isinstance(fs, LocalFileSystem):
+        tmp = posixpath.join(root, f".tmp-{name}")
+        pq.write_table(table, tmp, filesystem=fs)
+        fs.mv(tmp, final)
+    else:
+        with fs.open(final, "wb") as f:
+            pq.write_table(table, f)
+    return final
+
+
+def completed_keys(out_dir: str) -> set[str]:
+    """Keys already stored; unreadable parts (a killed writer) and stray temp files are deleted to be redone."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    if not fs.exists(root):
+        return set()
+    done: set[str] = set()
+    for path in fs.ls(root, detail=False):
+        base = posixpath.basename(path)
+        if base.startswith(".tmp-part-"):
+            fs.rm(path)
+        elif base.startswith("part-") and base.endswith(".parquet"):
+            try:
+                with fs.open(path, "rb") as f:
+                    done.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+            except Exception:
+                fs.rm(path)
+    return done
+
+
+def write_json(out_dir: str, name: str, obj: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(posixpath.join(root, name), "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+
+
+def read_json(out_dir: str, name: str) -> dict | None:
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    path = posixpath.join(root, name)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
