@@ -87,7 +87,7 @@ def main() -> None:
     ours_fb = time_runs(lambda: forward_backward(lambda x: G.synthesis(x), w4), 2)
     grouped_fb = time_runs(lambda: forward_backward(lambda x: grouped_conv_synthesis(G, x), w4), 2)
     rows = [
-        "| | ours (non-fused, one conv per layer) | per-sample grouped conv (rosinality's path) | reference JSON (rosinality code) |",
+        "| | ours (non-fused; image by image on CPU) | per-sample grouped conv (rosinality's path) | reference JSON (rosinality code) |",
         "|---|---:|---:|---:|",
         f"| FLOPs W+→image, batch 1 | {flops / 1e9:.2f} G | same ops | {ref['flops_fwd_wplus_to_img'] / 1e9:.2f} G |" if ref else "",
         f"| forward batch 1, min / median s | {min(ours):.2f} / {statistics.median(ours):.2f} | {min(grouped):.2f} / {statistics.median(grouped):.2f} | "

@@ -71,9 +71,9 @@ if __name__ == "__main__":
 
     torch.set_num_threads(2)
     G = load_default_generator()
-    cfg = EncoderTrainConfig(level=8, steps=600, batch_size=16, width=32, max_width=128,
+    cfg = EncoderTrainConfig(level=16, steps=600, batch_size=16, width=32, max_width=128,
                              lpips_net="alex", lpips_backbone="random")
     encoder = train_basecode_encoder(G, cfg, log_every=50)
-    path = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l8.pt")
+    path = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")
     save_basecode_encoder(encoder, str(path))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) for generator {G.generator_id[:12]}")

@@ -64,6 +64,25 @@ def cmd_invert(args) -> None:
           f"errors {stats['by_error'] or 'none'}; outputs in {args.output}")
 
 
+def cmd_export(args) -> None:
+    from pipelines.io import export_latents
+
+    n = export_latents(args.input, args.output, args.column)
+    print(f"exported {n} ok rows of {args.column} from {args.input} to {args.output}")
+
+
+def cmd_describe(args) -> None:
+    import json
+
+    from pipelines.io import read_dataset, read_json
+
+    table = read_dataset(args.input, ["status", "error_code"])
+    statuses = table.column("status").to_pylist() if len(table) else []
+    run = read_json(args.input, "run.json") or {}
+    print(json.dumps({"rows": len(statuses), "by_status": {s: statuses.count(s) for s in sorted(set(statuses))},
+                      "fingerprint": run.get("fingerprint"), "config": run.get("config")}, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentray", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output with another configuration")
     p.set_defaults(func=cmd_invert)
+    p = sub.add_parser("export", help="latents of a stage output to .npz or .pt for other tools")
+    p.add_argument("--input", required=True, help="stage output directory")
+    p.add_argument("--output", required=True, help="destination .npz or .pt")
+    p.add_argument("--column", default="wplus", help="latent column (default wplus)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("describe", help="rows by status and the configuration of a stage output")
+    p.add_argument("--input", required=True)
+    p.set_defaults(func=cmd_describe)
     p = sub.add_parser("convert", help="convert a checkpoint to latentray's own format (no pickle path on reload)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)

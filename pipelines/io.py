@@ -87,3 +87,32 @@ def read_json(out_dir: str, name: str) -> dict | None:
         return None
     with fs.open(path, "r") as f:
         return json.load(f)
+
+
+def read_dataset(out_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """All parts of a stage output as one table (plain pyarrow)."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    parts = sorted(p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith("part-"))
+    tables = []
+    for path in parts:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def export_latents(out_dir: str, dest: str, column: str = "wplus") -> int:
+    """Write the ok rows' latents for tools outside latentray: `.npz` (`keys`, `w` as NVIDIA's projector names its
+    array) or `.pt` (rosinality projector style: {key: {"latent": tensor}}). Returns the number of rows."""
+    table = read_dataset(out_dir, ["key", "status", column])
+    ok = np.array([s == "ok" for s in table.column("status").to_pylist()], dtype=bool)
+    keys = [k for k, good in zip(table.column("key").to_pylist(), ok) if good]
+    latents = table.column(column).combine_chunks().to_numpy_ndarray()[ok] if len(table) else np.zeros((0,))
+    if dest.endswith(".npz"):
+        np.savez(dest, keys=np.array(keys), w=latents)
+    elif dest.endswith(".pt"):
+        import torch
+
+        torch.save({k: {"latent": torch.from_numpy(np.ascontiguousarray(v))} for k, v in zip(keys, latents)}, dest)
+    else:
+        raise ValueError(f"export destination must end in .npz or .pt, got {dest}")
+    return len(keys)

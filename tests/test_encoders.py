@@ -10,7 +10,7 @@ from ops import metrics
 from ops.invert import InvertConfig, invert
 from ops.train_encoder import EncoderTrainConfig, train_basecode_encoder, training_batch
 
-SHIPPED = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l8.pt")
+SHIPPED = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")
 FAST = dict(lpips_net="alex", lpips_backbone="random")
 
 
@@ -27,8 +27,8 @@ def test_shipped_encoder_pairs_only_with_its_generator_and_beats_the_mean_start(
     enc = load_basecode_encoder(str(SHIPPED), generator=G)
     wplus, images = training_batch(G, 8, torch.Generator().manual_seed(999))
     with torch.no_grad():
-        from_encoder = G.synthesis_from_base_code(enc(images), wplus, 8)
-        from_mean = G.synthesis_from_base_code(G.base_code(G.w_avg[None], 8).expand(8, -1, -1, -1), wplus, 8)
+        from_encoder = G.synthesis_from_base_code(enc(images), wplus, 16)
+        from_mean = G.synthesis_from_base_code(G.base_code(G.w_avg[None], 16).expand(8, -1, -1, -1), wplus, 16)
     assert metrics.psnr(from_encoder, images).mean() > metrics.psnr(from_mean, images).mean() + 3
     other = load_generator_copy_with_other_id(G)
     with pytest.raises(CheckpointError, match="trained for generator"):
@@ -47,12 +47,12 @@ def test_fwplus_inversion_starts_from_the_encoder():
     G = load_default_generator()
     enc = load_basecode_encoder(str(SHIPPED), generator=G)
     _, images = training_batch(G, 2, torch.Generator().manual_seed(5))
-    cfg = InvertConfig(space="fwplus", base_level=8, steps=1, lr=0.0, **FAST)
+    cfg = InvertConfig(space="fwplus", base_level=16, steps=1, lr=0.0, **FAST)
     out = invert(G, images, ["a", "b"], cfg, encoder=enc)
     with torch.no_grad():
         assert torch.equal(out["base_code"], enc(images))
-    with pytest.raises(ValueError, match="outputs level 8"):
-        invert(G, images, ["a", "b"], InvertConfig(space="fwplus", base_level=16, steps=1, **FAST), encoder=enc)
+    with pytest.raises(ValueError, match="outputs level 16"):
+        invert(G, images, ["a", "b"], InvertConfig(space="fwplus", base_level=8, steps=1, **FAST), encoder=enc)
     with pytest.raises(ValueError, match="cannot start a wplus"):
         invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=1, **FAST), encoder=enc)
 

@@ -107,7 +107,14 @@ def test_ground_truth_is_recovered(G, space):
     _, images = ground_truth(G, 4, seed=3)
     with torch.no_grad():
         start = G.synthesis(G.w_avg[None].expand(4, -1))
-    result = invert(G, images, [f"gt/{i}" for i in range(4)], InvertConfig(space=space, steps=300, **FAST))
+    encoder = None
+    if space == "fwplus":  # BDInvert's recipe starts F from its base-code encoder
+        from models.default_generator import DEFAULT_GENERATOR_PATH
+        from models.encoders import load_basecode_encoder
+
+        encoder = load_basecode_encoder(str(DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")), G)
+    result = invert(G, images, [f"gt/{i}" for i in range(4)], InvertConfig(space=space, steps=300, **FAST),
+                    encoder=encoder)
     assert result["psnr"].min() >= 30
     assert (result["psnr"] - metrics.psnr(start, images)).min() >= 5
 
@@ -137,3 +144,16 @@ def test_identity_similarity_is_reported_when_an_identity_model_is_given(G):
         assert torch.allclose(out["id_sim"], expected, atol=1e-5)
         assert torch.allclose(metrics.identity_similarity(embed, images, images), torch.ones(2), atol=1e-5)
     assert "id_sim" not in invert(G, images, ["a", "b"], InvertConfig(space="wplus", steps=1, **FAST))
+
+
+@pytest.mark.slow
+def test_base_code_follows_shifted_and_rotated_images_that_w_plus_cannot(G):
+    """Out-of-range targets (shifted 1/8 of the width, rotated 10 degrees, reflection fill): W+ (Image2StyleGAN, noise
+    fixed) cannot move the generator's anchored layout; the F/W+ space can. F is left free here (f_weight 0, lr 0.05),
+    which isolates the space's capacity from the quality of the base-code encoder's start."""
+    _, images = ground_truth(G, 4, seed=0)
+    targets = similarity_warp(images, degrees=10, shift=(0.125, 0.0), padding="reflection")
+    keys = [f"shifted/{i}" for i in range(4)]
+    wplus = invert(G, targets, keys, InvertConfig(space="wplus", steps=300, optimize_noise=False, **FAST))
+    fwplus = invert(G, targets, keys, InvertConfig(space="fwplus", steps=300, f_weight=0.0, lr=0.05, **FAST))
+    assert (fwplus["psnr"] - wplus["psnr"]).min() >= 3

@@ -1,5 +1,7 @@
 """End to end on local Ray: the bad-input corpus and generator samples through `latentray invert`."""
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -50,9 +52,17 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
     assert table.column("fwplus_base_code").combine_chunks().to_numpy_ndarray().shape[1:] == (128, 8, 8)
     assert set(table.column("lpips_backbone").to_pylist()) == {"random"}
     assert b"latentray" in table.schema.metadata
+    # export for other tools: only ok rows
+    assert main(["export", "--input", str(out), "--output", str(tmp_path / "w.npz")]) == 0
+    exported = np.load(tmp_path / "w.npz")
+    assert list(exported["keys"]) == [k for k, s in zip(keys, status.values()) if s == "ok"]
+    np.testing.assert_array_equal(exported["w"], wplus[ok])
+    assert main(["export", "--input", str(out), "--output", str(tmp_path / "w.pt")]) == 0
+    assert set(torch.load(tmp_path / "w.pt", weights_only=True)) == set(exported["keys"])
     # rerun: nothing left to do
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS]) == 0
     assert sorted(read_all(out).column("key").to_pylist()) == sorted(keys)
+    assert json.loads((out / "stats.json").read_text())["rows_processed"] == 0
     # a different configuration refuses to resume
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS[:-2], "--lpips-backbone",
                  "random", "--seed", "1"]) == 2

@@ -1,0 +1,19 @@
+"""cluster.yaml is a valid Ray cluster-launcher config (checked offline against Ray's own schema)."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import ray.autoscaler
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_matches_rays_schema_and_has_a_gpu_pool():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["min_workers"] == 0 and workers["max_workers"] >= 1
+    assert config["docker"]["image"].startswith("rayproject/ray:" + ray.__version__)
