@@ -17,6 +17,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/latentray sample --output out/samples.png --n 16 --seed 0
+	$(PY) -m pipelines.demo out
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generator.py

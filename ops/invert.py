@@ -99,7 +99,8 @@ def per_image_randn(gens: list[torch.Generator], shape: tuple, device) -> torch.
 
 
 @functools.lru_cache(maxsize=4)
-def _perceptual(net: str, backbone: str):
+def shared_perceptual(net: str, backbone: str):
+    """One LPIPS module per (net, backbone) in a process: workers and tests build it once."""
     from models.perceptual import Perceptual
 
     return Perceptual(net, backbone)
@@ -126,7 +127,7 @@ class Inverter:
         self.G, self.encoder, self.identity = G, encoder, identity
         self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
         self.device = G.input.input.device
-        self.perceptual = (perceptual or _perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(self.device)
+        self.perceptual = (perceptual or shared_perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(self.device)
         self.w_avg, self.sigma_w = w_statistics(G, self.cfg.w_stats_samples, self.cfg.seed)
         self.p_stats = None
         if self.cfg.pnorm_weight and self.cfg.space != "s":

@@ -41,14 +41,14 @@ def training_batch(G, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch
 
 
 def train_basecode_encoder(G, cfg: EncoderTrainConfig, log_every: int = 0) -> BaseCodeEncoder:
-    from ops.invert import _perceptual
+    from ops.invert import shared_perceptual
 
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         encoder = BaseCodeEncoder(cfg.level, G.channels[cfg.level], cfg.width, cfg.max_width)
     encoder.to(G.input.input.device).train()
     encoder.generator_id = getattr(G, "generator_id", None)
-    perceptual = _perceptual(cfg.lpips_net, cfg.lpips_backbone)
+    perceptual = shared_perceptual(cfg.lpips_net, cfg.lpips_backbone)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 5), gamma=0.1)
     gen = torch.Generator().manual_seed(cfg.seed)
