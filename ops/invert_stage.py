@@ -30,6 +30,9 @@ class InvertStageConfig:
     base_level: int = 16  # fwplus base-code resolution
     basecode_encoder: str = ""  # BDInvert encoder checkpoint for fwplus starts ("" = start from G.base_code(w_avg))
     seed: int = 0  # per-row randomness = f(seed, key)
+    # Noise maps are not stored, so by default they stay the generator's constant buffers and a stored latent alone
+    # reproduces its row's reconstruction and metrics (True: the projector's per-image noise optimisation).
+    optimize_noise: bool = False
     device: str = "auto"  # auto | cpu | cuda
     cache_dir: str | None = None  # derived statistics (P-space) cached by generator id
     extra: dict = field(default_factory=dict)  # further InvertConfig fields, e.g. {"lr": 0.05}
@@ -66,7 +69,8 @@ class InvertStage:
         self.inverters = {}
         for space in cfg.spaces:
             icfg = InvertConfig(space=space, steps=cfg.steps, lpips_net=cfg.lpips_net, lpips_backbone=cfg.lpips_backbone,
-                                base_level=cfg.base_level, seed=cfg.seed, cache_dir=cfg.cache_dir, **cfg.extra)
+                                base_level=cfg.base_level, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                                optimize_noise=cfg.optimize_noise, **cfg.extra)
             self.inverters[space] = Inverter(self.G, icfg, encoder=encoder if space == "fwplus" else None)
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -10,7 +10,7 @@ import torch
 def render(G, columns: dict[str, np.ndarray], space: str, base_level: int = 16) -> torch.Tensor:
     """Latent columns of one space ([N, ...] float32 arrays) -> images [N, 3, R, R] (constant noise)."""
     device = G.input.input.device
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in columns.items()}
+    t = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(device) for k, v in columns.items()}
     if space == "w":
         return G.synthesis(t["w"])
     if space == "wplus":

@@ -56,7 +56,8 @@ def cmd_invert(args) -> None:
 
     cfg = InvertStageConfig(generator=args.generator or "", spaces=tuple(args.spaces.split(",")), steps=args.steps,
                             lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, base_level=args.base_level,
-                            basecode_encoder=args.basecode_encoder or "", seed=args.seed, device=args.device)
+                            basecode_encoder=args.basecode_encoder or "", seed=args.seed, device=args.device,
+                            optimize_noise=args.optimize_noise)
     stats = run_invert(args.input, args.output, cfg, align=args.align, batch_size=args.batch_size, limit=args.limit,
                        overwrite=args.overwrite)
     rate = stats["rows_processed"] / max(stats["seconds"], 1e-9)
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips-backbone", default="imagenet", choices=["imagenet", "random"],
                    help="random = explicit offline opt-in, recorded in every row (not real LPIPS)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimize-noise", action="store_true",
+                   help="optimise per-image noise maps (not stored: the stored latent alone then reproduces less)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output with another configuration")
     p.set_defaults(func=cmd_invert)

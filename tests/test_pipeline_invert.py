@@ -65,6 +65,9 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
     rendered = render(G, {"fwplus_base_code": base, "fwplus_wplus": fw}, "fwplus", base_level=8)
     stored = table.column("fwplus_psnr").to_numpy()[gen]
     np.testing.assert_allclose(metrics.psnr(rendered, targets).numpy(), stored, atol=1e-3)
+    rendered = render(G, {"wplus": table.column("wplus").combine_chunks().to_numpy_ndarray()[gen]}, "wplus")
+    np.testing.assert_allclose(metrics.psnr(rendered, targets).numpy(), table.column("wplus_psnr").to_numpy()[gen],
+                               atol=1e-3)
     # export for other tools: only ok rows
     assert main(["export", "--input", str(out), "--output", str(tmp_path / "w.npz")]) == 0
     exported = np.load(tmp_path / "w.npz")
