@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from ops.align import center_crop_resize
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -111,3 +113,20 @@ def decode_row(key: str, data: bytes | None, config: DecodeConfig = DecodeConfig
     except DecodeError as exc:
         return {**row, "status": "failed", "error_code": exc.code, "error": str(exc)}
     return {**row, "width": image.shape[1], "height": image.shape[0], "format": fmt, "image": image}
+
+
+def ingest_row(key: str, uri: str, size: int, skip: bool = False, config: DecodeConfig = DecodeConfig()) -> dict:
+    """Read, decode and centre-crop one input to uint8 [size, size, 3] (`--align none`). Never raises: unreadable or
+    undecodable inputs are failed rows, `skip` (past --limit) a skipped row; both carry a blank image."""
+    if skip:
+        row = {**decode_row(key, b"", config), "status": "skipped", "error_code": "limit", "error": "beyond --limit",
+               "sha256": ""}
+    else:
+        try:
+            data, read_error = read_bytes(uri), None
+        except Exception as exc:  # missing file, network or permission error: the row records it
+            data, read_error = None, f"{type(exc).__name__}: {exc}"
+        row = decode_row(key, data, config, read_error=read_error)
+    ok = row["status"] == "ok"
+    row["image"] = center_crop_resize(row["image"], size)[0] if ok else np.zeros((size, size, 3), np.uint8)
+    return row

@@ -12,10 +12,12 @@ from collections import Counter
 
 import numpy as np
 
-from ops.align import center_crop_resize
-from ops.ingest import decode_row, list_inputs, read_bytes
+from ops.ingest import ingest_row, list_inputs
 from ops.invert_stage import InvertStage, InvertStageConfig
 from pipelines import io
+
+
+INGEST_COLUMNS = ("key", "sha256", "format", "status", "error_code", "error")
 
 
 def init_ray() -> None:
@@ -41,25 +43,13 @@ def init_ray() -> None:
 
 
 def ingest_align(batch: dict, size: int, align: str) -> dict:
-    """CPU stage: read bytes, decode, align. Every row comes out, failed ones with a reason and a blank image."""
-    keys, uris = list(batch["key"]), list(batch["uri"])
-    out = {c: [] for c in ("key", "sha256", "width", "height", "format", "status", "error_code", "error", "image")}
-    for key, uri, skip in zip(keys, uris, batch["skip"]):
-        if skip:
-            row = {**decode_row(key, b""), "status": "skipped", "error_code": "limit", "error": "beyond --limit",
-                   "sha256": ""}
-        else:
-            try:
-                data, read_error = read_bytes(uri), None
-            except Exception as exc:
-                data, read_error = None, f"{type(exc).__name__}: {exc}"
-            row = decode_row(key, data, read_error=read_error)
-        row["image"] = center_crop_resize(row["image"], size)[0] if row["status"] == "ok" else \
-            np.zeros((size, size, 3), np.uint8)
-        for c in out:
-            out[c].append(row[c])
-    return {c: (np.stack(v) if c == "image" else np.array(v, dtype=object if c in ("key", "sha256", "format",
-            "status", "error_code", "error") else np.int64)) for c, v in out.items()}
+    """CPU stage: one ingest row per input (ops.ingest.ingest_row), stacked into columns."""
+    rows = [ingest_row(k, u, size, bool(skip)) for k, u, skip in zip(batch["key"], batch["uri"], batch["skip"])]
+    out = {c: np.array([r[c] for r in rows], dtype=object) for c in INGEST_COLUMNS}
+    out.update(width=np.array([r["width"] for r in rows], dtype=np.int64),
+               height=np.array([r["height"] for r in rows], dtype=np.int64),
+               image=np.stack([r["image"] for r in rows]))
+    return out
 
 
 class InvertActor:

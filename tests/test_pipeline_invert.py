@@ -10,6 +10,7 @@ from PIL import Image
 
 from corpus import bad_input_corpus
 from models.default_generator import load_default_generator
+from ops.images import to_uint8
 from pipelines.cli import main
 
 ARGS = ["--spaces", "wplus,fwplus", "--base-level", "8", "--steps", "3", "--batch-size", "4",
@@ -25,7 +26,7 @@ def photo_dir(tmp_path_factory):
     with torch.no_grad():
         img = G.synthesis(G.mapping(torch.randn(3, G.style_dim, generator=torch.Generator().manual_seed(0))))
     (root / "gen").mkdir()
-    for i, a in enumerate(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()):
+    for i, a in enumerate(to_uint8(img)):
         Image.fromarray(a).save(root / "gen" / f"{i}.png")
     return root
 

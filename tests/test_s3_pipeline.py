@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from models.default_generator import load_default_generator
+from ops.images import to_uint8
 from pipelines.cli import main
 
 SECRET = "s3cr3t-value-never-logged"
@@ -49,7 +50,7 @@ def test_invert_s3_to_s3_without_leaking_credentials(s3, capsys):
     G = load_default_generator()
     with torch.no_grad():
         img = G.synthesis(G.mapping(torch.randn(2, G.style_dim, generator=torch.Generator().manual_seed(1))))
-    for i, a in enumerate(((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()):
+    for i, a in enumerate(to_uint8(img)):
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, "PNG")
         s3.put_object(Bucket="photos", Key=f"in/{i}.png", Body=buf.getvalue())
