@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +21,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generator.py
+	$(PY) benchmarks/bench_invert.py
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -173,9 +173,10 @@ class ModulatedConv2d(nn.Module):
         else:
             out = per_sample(lambda t: F.conv2d(t, weight.to(x.dtype), padding=self.padding), x)
         if self.demodulate:
-            # sum_{i,kh,kw} (scale*W*s)^2 = (s^2) @ (sum_k (scale*W)^2)^T, computed in float32 even under autocast.
+            # sum_{i,kh,kw} (scale*W*s)^2 = (s^2) @ (sum_k (scale*W)^2)^T, in at least float32 even under autocast.
+            precise = torch.promote_types(s.dtype, torch.float32)
             with torch.autocast(device_type=s.device.type, enabled=False):
-                energy = rowwise_matvec(s.float() ** 2, (weight.float() ** 2).sum(dim=(2, 3)))
+                energy = rowwise_matvec(s.to(precise) ** 2, (weight.to(precise) ** 2).sum(dim=(2, 3)))
                 demod = torch.rsqrt(energy + 1e-8)
             out = out * demod.to(out.dtype)[:, :, None, None]
         if self.upsample:

@@ -21,3 +21,66 @@ def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
         r, col = divmod(i, ncols)
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
     return grid
+
+
+def thumbnail(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> the whole photo fitted into uint8 [size, size, 3] on grey (previews show the original)."""
+    from PIL import Image
+
+    im = Image.fromarray(image)
+    im.thumbnail((size, size), Image.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (128, 128, 128))
+    canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def preview_grid(columns: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Side-by-side preview: one grid row per selected row, one grid column per uint8 [N, H, W, 3] column
+    (e.g. original | aligned | reconstruction per space)."""
+    tiles = np.stack([c[rows] for c in columns], axis=1)
+    return make_grid(tiles.reshape(-1, *tiles.shape[2:]), ncols=len(columns))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bar_chart(labels: list[str], values: np.ndarray, width: int = 640, bar: int = 18) -> np.ndarray:
+    """Horizontal bars (largest first as given), label and value on each; uint8 [H, width, 3]."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (width, bar * len(labels) + 8), "white")
+    draw = ImageDraw.Draw(im)
+    top = float(np.max(values)) if len(values) and np.isfinite(np.max(values)) and np.max(values) > 0 else 1.0
+    for i, (label, v) in enumerate(zip(labels, values)):
+        y = 4 + i * bar
+        length = int((width - 260) * min(float(v) / top, 1.0)) if np.isfinite(v) else width - 260
+        draw.rectangle([200, y + 2, 200 + length, y + bar - 3], fill=(70, 110, 180))
+        draw.text((4, y + 3), label[:30], fill="black")
+        draw.text((206 + length, y + 3), f"{v:.2f}", fill="black")
+    return np.asarray(im)
+
+
+def heat_map(matrix: np.ndarray, row_labels: list[str], col_labels: list[str], cell: int = 14) -> np.ndarray:
+    """A [R, C] matrix in [0, 1] as grey-to-red cells with row and column labels; uint8 image."""
+    from PIL import Image, ImageDraw
+
+    left, top = 150, 60
+    im = Image.new("RGB", (left + cell * len(col_labels) + 4, top + cell * len(row_labels) + 4), "white")
+    draw = ImageDraw.Draw(im)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * cell, 4 + (j % 4) * 12), label[:10], fill="black")
+    for i, label in enumerate(row_labels):
+        draw.text((4, top + i * cell), label[:24], fill="black")
+        for j in range(len(col_labels)):
+            v = float(np.clip(matrix[i, j], 0, 1))
+            colour = (int(235 - 35 * v), int(235 - 200 * v), int(235 - 200 * v))
+            draw.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1],
+                           fill=colour)
+    return np.asarray(im)

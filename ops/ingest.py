@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from ops.align import center_crop_resize
+from ops.align import AlignConfig, AlignError, align_image
+from ops.images import thumbnail
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -115,9 +116,25 @@ def decode_row(key: str, data: bytes | None, config: DecodeConfig = DecodeConfig
     return {**row, "width": image.shape[1], "height": image.shape[0], "format": fmt, "image": image}
 
 
-def ingest_row(key: str, uri: str, size: int, skip: bool = False, config: DecodeConfig = DecodeConfig()) -> dict:
-    """Read, decode and centre-crop one input to uint8 [size, size, 3] (`--align none`). Never raises: unreadable or
-    undecodable inputs are failed rows, `skip` (past --limit) a skipped row; both carry a blank image."""
+def align_columns(size: int, aligned=None) -> dict:
+    """The alignment columns of one row (NaN / -1 where nothing was aligned or detected)."""
+    nan = np.float32("nan")
+    row = {"image": np.zeros((size, size, 3), np.uint8), "n_faces": -1, "face_score": nan,
+           "landmarks": np.full((68, 2), nan, np.float32), "quad": np.full((4, 2), nan, np.float32),
+           "align_transform": np.full((2, 3), nan, np.float32)}
+    if aligned is not None:
+        row.update(image=aligned.image, n_faces=aligned.n_faces, face_score=np.float32(aligned.face_score),
+                   quad=aligned.quad.astype(np.float32), align_transform=aligned.transform.astype(np.float32))
+        if aligned.landmarks is not None:
+            row["landmarks"] = aligned.landmarks.astype(np.float32)
+    return row
+
+
+def ingest_row(key: str, uri: str, size: int, skip: bool = False, config: DecodeConfig = DecodeConfig(),
+               align: AlignConfig = AlignConfig()) -> dict:
+    """Read, decode and align one input to uint8 [size, size, 3] plus its alignment columns. Never raises:
+    unreadable, undecodable or faceless inputs are failed rows, `skip` (past --limit) a skipped row; both carry a
+    blank image and NaN geometry."""
     if skip:
         row = {**decode_row(key, b"", config), "status": "skipped", "error_code": "limit", "error": "beyond --limit",
                "sha256": ""}
@@ -127,6 +144,13 @@ def ingest_row(key: str, uri: str, size: int, skip: bool = False, config: Decode
         except Exception as exc:  # missing file, network or permission error: the row records it
             data, read_error = None, f"{type(exc).__name__}: {exc}"
         row = decode_row(key, data, config, read_error=read_error)
-    ok = row["status"] == "ok"
-    row["image"] = center_crop_resize(row["image"], size)[0] if ok else np.zeros((size, size, 3), np.uint8)
-    return row
+    aligned = None
+    if row["status"] == "ok":
+        try:
+            aligned = align_image(row["image"], size, align)
+        except AlignError as exc:
+            row.update(status="failed", error_code=exc.code, error=str(exc))
+        except (RuntimeError, ValueError) as exc:  # a detector choking on one odd photo fails that row only
+            row.update(status="failed", error_code="align_error", error=f"{type(exc).__name__}: {exc}")
+    thumb = thumbnail(row["image"], size) if row["image"] is not None else np.zeros((size, size, 3), np.uint8)
+    return {**row, **align_columns(size, aligned), "original": thumb}

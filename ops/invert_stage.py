@@ -1,10 +1,10 @@
 """The invert stage as plain Python (stage contract, DESIGN §2): config, setup() once per worker, process(batch).
 
 Input columns: key, status, error_code, error, image (uint8 [B, R, R, 3] at the generator's resolution).
-Output: the same rows in the same order plus, per space, the latent columns and `<space>_{mse,psnr,lpips,steps,
-seconds}` of DESIGN §4, and `lpips_net`, `lpips_backbone`. Rows already failed pass through untouched (their
-tensors NaN); a batch whose inversion raises fails its rows with `invert_error`, a non-finite latent with
-`nonfinite_latent`.
+Output: the same rows in the same order plus, per space, `recon_<space>` (uint8 previews, not stored), the latent
+columns and `<space>_{mse,psnr,lpips,steps,seconds}` of DESIGN §4, and `lpips_net`, `lpips_backbone`. Rows already
+failed pass through untouched (their tensors NaN); a batch whose inversion raises fails its rows with `invert_error`,
+a non-finite latent with `nonfinite_latent`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ops.images import to_uint8
 from ops.invert import InvertConfig, Inverter
 
 LATENT_COLUMNS = {"w": ("w",), "wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
@@ -89,6 +90,8 @@ class InvertStage:
         for space in self.config.spaces:
             for m in METRICS:
                 out[f"{space}_{m}"] = np.full(n, np.nan, dtype=np.float32)
+        for space in self.config.spaces:  # for previews; not stored (pipelines/io.py NOT_STORED)
+            out[f"recon_{space}"] = np.zeros((n, self.G.size, self.G.size, 3), dtype=np.uint8)
         out["lpips_net"] = np.full(n, self.config.lpips_net, dtype=object)
         out["lpips_backbone"] = np.full(n, next(iter(self.inverters.values())).perceptual.backbone, dtype=object)
         ok = np.flatnonzero(out["status"] == "ok")
@@ -109,6 +112,7 @@ class InvertStage:
                 out[column][rows] = value.cpu().numpy()
             for m in METRICS:
                 out[f"{space}_{m}"][rows] = result[m].float().cpu().numpy()
+            out[f"recon_{space}"][rows] = to_uint8(result["recon"])
         for column in self.output_shapes():
             values = out[column][rows].reshape(len(rows), -1)
             bad = rows[~np.isfinite(values).all(axis=1) & (out["status"][rows] == "ok")]

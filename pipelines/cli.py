@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  latentray invert --input photos/ --output out/latents --align none --spaces wplus,fwplus --steps 300
+  latentray invert --input photos/ --output out/latents --generator stylegan2-ffhq-config-f.pt --spaces wplus,fwplus
+  latentray invert --input s3://bucket/shifted/ --output s3://bucket/latents --align none --set steps=300
+  latentray run pipeline.yaml
   latentray sample --output out/samples.png --n 16
   latentray convert --input network-snapshot-025000.pkl --output ffhq.latentray.pt
 """
@@ -50,6 +52,28 @@ def cmd_convert(args) -> None:
     print(f"converted {G.source_format} generator {G.generator_id[:12]} ({G.size}px) to {args.output}")
 
 
+def _align(args):
+    from ops.align import AlignConfig
+
+    return AlignConfig(mode=args.align, strict_faces=args.strict_faces, transform_size=args.transform_size,
+                       min_score=args.min_face_score)
+
+
+def _summary(name: str, stats: dict, output: str) -> None:
+    print(f"{name}: {stats['by_status']} ({stats['already_done']} already done), {stats['rows_per_second']:.2f} "
+          f"rows/s, errors {stats['by_error'] or 'none'}; outputs in {output}, previews in "
+          f"{output.rstrip('/')}/previews")
+
+
+def cmd_ingest(args) -> None:
+    from pipelines.invert import run_invert
+
+    size = args.size or (_load(args.generator).size if args.generator else None)
+    stats = run_invert(args.input, args.output, None, align=_align(args), batch_size=args.batch_size,
+                       limit=args.limit, overwrite=args.overwrite, size=size)
+    _summary("ingest", stats, args.output)
+
+
 def cmd_invert(args) -> None:
     from ops.invert_stage import InvertStageConfig
     from pipelines.invert import run_invert
@@ -58,11 +82,61 @@ def cmd_invert(args) -> None:
                             lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, base_level=args.base_level,
                             basecode_encoder=args.basecode_encoder or "", seed=args.seed, device=args.device,
                             optimize_noise=args.optimize_noise)
-    stats = run_invert(args.input, args.output, cfg, align=args.align, batch_size=args.batch_size, limit=args.limit,
-                       overwrite=args.overwrite)
-    rate = stats["rows_processed"] / max(stats["seconds"], 1e-9)
-    print(f"invert: {stats['by_status']} ({stats['already_done']} already done), {rate:.2f} rows/s, "
-          f"errors {stats['by_error'] or 'none'}; outputs in {args.output}")
+    stats = run_invert(args.input, args.output, cfg, align=_align(args), batch_size=args.batch_size,
+                       limit=args.limit, overwrite=args.overwrite, actors=args.actors)
+    _summary("invert", stats, args.output)
+
+
+EDIT_EPILOG = """edits file (YAML list; `strengths` are rendered side by side; `name` defaults to the kind):
+  - {kind: direction, name: smile, path: smile.npy, strengths: [-3, 0, 3], layers: [0, 8]}
+  - {kind: channel, layer: convs.5, channel: 12, strengths: [-10, 0, 10]}   # alpha in channel stds
+  - {kind: interpolate, other: photos/b.jpg, strengths: [0, 0.5, 1]}
+  - {kind: arithmetic, a: neutral.jpg, b: smiling.jpg, strengths: [1]}      # + lambda (w_b - w_a)
+  - {kind: mix, other: photos/b.jpg, strengths: [4, 8]}                     # rows [0, k) kept
+  - {kind: geometric, shift: [16, 0], degrees: 10, strengths: [0, 1]}       # fwplus: transforms F
+"""
+
+
+def read_edits(path: str):
+    import yaml
+
+    from ops.edit import Edit
+
+    with open(path) as f:
+        entries = yaml.safe_load(f)
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a YAML list of edits")
+    edits = []
+    for entry in entries:
+        params = dict(entry)
+        kind, name = params.pop("kind", None), str(params.pop("name", ""))
+        strengths = tuple(float(v) for v in params.pop("strengths", [1.0]))
+        edits.append(Edit(kind=kind, strengths=strengths, name=name, params=params))
+    return edits
+
+
+def cmd_edit(args) -> None:
+    from pipelines.latents import run_edit
+
+    if not args.edits:
+        raise ValueError("--edits FILE is required")
+    stats = run_edit(args.input[0], args.output, read_edits(args.edits), space=args.space,
+                     generator=args.generator or "", batch_size=args.batch_size, overwrite=args.overwrite,
+                     actors=args.actors, cache_dir=args.cache_dir)
+    print(f"edit: {stats['by_status']} in {stats['seconds']:.1f} s; outputs in {args.output}, previews in "
+          f"{args.output.rstrip('/')}/previews")
+
+
+def cmd_channels(args) -> None:
+    from pipelines.latents import run_channels
+
+    exemplars = None
+    if args.exemplars:
+        with open(args.exemplars) as f:
+            exemplars = [line.strip() for line in f if line.strip()]
+    stats = run_channels(args.input[0], args.output, exemplars, args.exemplar_column, args.local_sample,
+                         args.generator or "", args.batch_size, args.grid, args.top, args.overwrite, args.actors)
+    print(f"channels: {stats}; outputs in {args.output}")
 
 
 def cmd_export(args) -> None:
@@ -84,9 +158,33 @@ def cmd_describe(args) -> None:
                       "fingerprint": run.get("fingerprint"), "config": run.get("config")}, indent=1))
 
 
+def io_options(p, input_help: str, batch_size: int = 8) -> None:
+    # --input/--output may also come from --config or --set (checked in resolve_args)
+    p.add_argument("--input", action="append", help=input_help)
+    p.add_argument("--output", help="output directory or s3:// prefix")
+    p.add_argument("--config", help="YAML file of options (names as on this command line); flags given win")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one option (repeatable)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=f"rows per batch (default {batch_size})")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output with another configuration")
+
+
+def common_options(p) -> None:
+    io_options(p, "directory, glob, file or s3:// URI (repeatable); for invert also an `ingest` output")
+    p.add_argument("--limit", type=int, help="process only the first N inputs (the rest are rows with status skipped)")
+    p.add_argument("--align", default="ffhq", choices=["ffhq", "none"],
+                   help="ffhq: dlib 68-point landmarks -> FFHQ crop (default; the 68-point model is non-commercial);"
+                        " none: centre square resized (out-of-range photos, BDInvert)")
+    p.add_argument("--strict-faces", action="store_true",
+                   help="a photo with several faces fails (multiple_faces) instead of aligning the best-scoring one")
+    p.add_argument("--min-face-score", type=float, default=0.5, help="ignore detections scoring below (default 0.5)")
+    p.add_argument("--transform-size", type=int,
+                   help="FFHQ warp supersampling (default 4x the output; 4096 = FFHQ-exact, ~13x slower)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentray", epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    stages = {}
     p = sub.add_parser("sample", help="write a PNG grid of generator samples")
     p.add_argument("--generator", help="checkpoint (.pt rosinality/latentray, .pkl NVIDIA); default: bundled")
     p.add_argument("--output", required=True, help="PNG path")
@@ -94,15 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="z seed (default 0)")
     p.add_argument("--psi", type=float, default=1.0, help="truncation psi (default 1: none)")
     p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("invert", help="ingest + align + invert images into latents (Parquet)")
-    p.add_argument("--input", required=True, action="append", help="directory, glob, file or s3:// URI (repeatable)")
-    p.add_argument("--output", required=True, help="output directory or s3:// prefix")
+    p = stages["ingest"] = sub.add_parser("ingest", help="decode + align photos; pixels and geometry to Parquet",
+                                          epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+    common_options(p)
+    p.add_argument("--generator", help="checkpoint whose resolution sets the crop size (default: bundled)")
+    p.add_argument("--size", type=int, help="crop size in pixels (default: the generator's resolution)")
+    p.set_defaults(func=cmd_ingest)
+    p = stages["invert"] = sub.add_parser("invert", help="ingest + align + invert images into latents (Parquet)",
+                                          epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+    common_options(p)
     p.add_argument("--generator", help="checkpoint; default: the bundled generator (not a face model)")
-    p.add_argument("--align", default="none", choices=["none"], help="alignment policy (default none)")
     p.add_argument("--spaces", default="wplus", help="comma list of w,wplus,s,fwplus (default wplus)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: each space's recipe)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--limit", type=int, help="process only the first N inputs (the rest are rows with status skipped)")
     p.add_argument("--base-level", type=int, default=16, help="F/W+ base-code resolution (default 16)")
     p.add_argument("--basecode-encoder", help="BDInvert base-code encoder checkpoint for fwplus")
     p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
@@ -112,8 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize-noise", action="store_true",
                    help="optimise per-image noise maps (not stored: the stored latent alone then reproduces less)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing output with another configuration")
+    p.add_argument("--actors", type=int, default=1, help="invert actors (one per GPU on a cluster; default 1)")
     p.set_defaults(func=cmd_invert)
+    p = stages["edit"] = sub.add_parser("edit", help="apply latent edits to an invert output; render them",
+                                        epilog=EDIT_EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+    io_options(p, "an invert output (directory or s3:// prefix)")
+    p.add_argument("--edits", required=False, help="YAML list of edits (see below)")
+    p.add_argument("--space", default="wplus", choices=["wplus", "s", "fwplus"], help="latents to edit (default wplus)")
+    p.add_argument("--generator", help="checkpoint (default: the one recorded by invert; its id is checked)")
+    p.add_argument("--actors", type=int, default=1, help="render actors (default 1)")
+    p.add_argument("--cache-dir", help="where to cache per-generator S statistics")
+    p.set_defaults(func=cmd_edit)
+    p = stages["channels"] = sub.add_parser("channels", help="StyleSpace channel statistics of an invert output")
+    io_options(p, "an invert output holding S (space s) or W+ latents", batch_size=64)
+    p.add_argument("--exemplars", help="file with one key per line: the attribute's exemplar rows")
+    p.add_argument("--exemplar-column", help="boolean column of the input marking exemplar rows")
+    p.add_argument("--local-sample", type=int, default=0,
+                   help="images (ok rows with landmarks) for locally-active channels (default 0: skip)")
+    p.add_argument("--grid", type=int, default=32, help="gradient-map resolution (default 32, as StyleSpace)")
+    p.add_argument("--top", type=int, default=30, help="channels in the bar chart (default 30)")
+    p.add_argument("--generator", help="checkpoint (default: the one recorded by invert)")
+    p.add_argument("--actors", type=int, default=1)
+    p.set_defaults(func=cmd_channels)
+    p = sub.add_parser("run", help="run a YAML pipeline file: a list of stages with their options")
+    p.add_argument("file", help="YAML: {stages: [{stage: ingest, input: ..., output: ..., ...}, {stage: invert, ...}]}")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("export", help="latents of a stage output to .npz or .pt for other tools")
     p.add_argument("--input", required=True, help="stage output directory")
     p.add_argument("--output", required=True, help="destination .npz or .pt")
@@ -126,14 +250,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_convert)
+    parser.set_defaults(stage_parsers=stages)
     return parser
 
 
+CONTROL = {"config", "set", "func", "command", "stage_parsers"}
+
+
+def apply_options(stage_parser, args, options: dict, explicit: set[str]) -> None:
+    """Set options from a config file / --set / a pipeline file onto parsed args. Names as on the command line
+    (dashes or underscores); unknown names and invalid values are errors; flags in `explicit` are kept."""
+    actions = {a.dest: a for a in stage_parser._actions}
+    for name, value in options.items():
+        dest = str(name).replace("-", "_")
+        if dest not in actions or dest in CONTROL or dest == "help":
+            raise ValueError(f"unknown option {name!r} for `{args.command}` (see latentray {args.command} --help)")
+        if dest in explicit:
+            continue
+        action = actions[dest]
+        if dest == "input":
+            value = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        elif action.type is not None and value is not None:
+            value = action.type(value)
+        if action.choices and value not in action.choices:
+            raise ValueError(f"option {name!r}: {value!r} is not one of {sorted(action.choices)}")
+        setattr(args, dest, value)
+
+
+def given_flags(stage_parser, argv: list[str]) -> set[str]:
+    """Dests of the options spelled out on the command line (they win over a --config file)."""
+    flags = {s.split("=")[0] for s in argv if s.startswith("--")}
+    return {a.dest for a in stage_parser._actions if flags & set(a.option_strings)}
+
+
+def parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def resolve_args(parser, argv: list[str]):
+    """Parse, then layer --config (below explicit flags) and --set (above everything)."""
+    args = parser.parse_args(argv)
+    stage_parser = args.stage_parsers.get(args.command)
+    if stage_parser is None:
+        return args
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            options = yaml.safe_load(f) or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{args.config} must hold a mapping of option names to values")
+        apply_options(stage_parser, args, options, given_flags(stage_parser, argv))
+    apply_options(stage_parser, args, parse_set(args.set), set())
+    if not args.input or not args.output:
+        raise ValueError("--input and --output are required (on the command line, in --config or via --set)")
+    return args
+
+
+def cmd_run(args) -> None:
+    """Each stage of the file runs like its subcommand, in order; a failing stage stops the pipeline."""
+    import yaml
+
+    with open(args.file) as f:
+        spec = yaml.safe_load(f) or {}
+    stages = spec.get("stages") if isinstance(spec, dict) else None
+    if not isinstance(stages, list) or not stages:
+        raise ValueError(f"{args.file}: expected `stages:` followed by a list of {{stage: name, option: value}}")
+    parser = build_parser()
+    for i, entry in enumerate(stages):
+        options = dict(entry)
+        name = options.pop("stage", None)
+        if name not in args.stage_parsers:
+            raise ValueError(f"{args.file}: stage {i}: `stage` must be one of {sorted(args.stage_parsers)}")
+        stage_args = parser.parse_args([name])
+        apply_options(stage_args.stage_parsers[name], stage_args, options, set())
+        if not stage_args.input or not stage_args.output:
+            raise ValueError(f"{args.file}: stage {i} ({name}) needs input and output")
+        print(f"run: stage {i + 1}/{len(stages)}: {name} {stage_args.input} -> {stage_args.output}")
+        stage_args.func(stage_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     from models.checkpoints import CheckpointError
 
     try:
+        args = resolve_args(parser, argv)
         args.func(args)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"latentray: error: {exc}", file=sys.stderr)

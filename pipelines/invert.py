@@ -1,5 +1,6 @@
-"""The `invert` pipeline on Ray Data: list -> read + decode + align (CPU tasks) -> invert (actor pool) -> atomic
-Parquet parts. Thin: the maths lives in ops/, storage in pipelines/io.py."""
+"""The `ingest` and `invert` pipelines on Ray Data: list -> read + decode + align (CPU tasks) -> invert (actor pool)
+-> atomic Parquet parts; `invert` also reads the aligned rows of an `ingest` output. Thin: the maths lives in ops/,
+storage in pipelines/io.py."""
 
 from __future__ import annotations
 
@@ -7,17 +8,29 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
+import warnings
 from collections import Counter
 
 import numpy as np
 
-from ops.ingest import ingest_row, list_inputs
+from ops.align import AlignConfig, check_backend
+from ops.images import preview_grid
+from ops.ingest import ingest_row, list_inputs, read_bytes
 from ops.invert_stage import InvertStage, InvertStageConfig
 from pipelines import io
 
 
-INGEST_COLUMNS = ("key", "sha256", "format", "status", "error_code", "error")
+TEXT_COLUMNS = ("key", "sha256", "format", "status", "error_code", "error")
+ARRAY_COLUMNS = {"width": np.int64, "height": np.int64, "n_faces": np.int64, "face_score": np.float32,
+                 "landmarks": np.float32, "quad": np.float32, "align_transform": np.float32, "image": np.uint8,
+                 "original": np.uint8}
+RETRIES = 3  # a crashed task or actor is retried this many times, then its job fails (never retried forever)
+# Ray 2.60 has no named parameters for retries yet (it warns that free remote args go away in 2.64).
+TASK_RETRIES = {"max_retries": RETRIES}
+ACTOR_RETRIES = {"max_restarts": RETRIES, "max_task_retries": RETRIES}
+MAX_PREVIEWS = 8  # preview PNGs per run (one per part, first parts written)
 
 
 def init_ray() -> None:
@@ -25,6 +38,7 @@ def init_ray() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")  # see TASK_RETRIES
     import ray
     import ray.data
     from ray.data._internal.tensor_extensions.arrow import FixedShapeTensorFormat
@@ -42,13 +56,12 @@ def init_ray() -> None:
     ctx.print_on_execution_start = False
 
 
-def ingest_align(batch: dict, size: int, align: str) -> dict:
+def ingest_align(batch: dict, size: int, align: AlignConfig) -> dict:
     """CPU stage: one ingest row per input (ops.ingest.ingest_row), stacked into columns."""
-    rows = [ingest_row(k, u, size, bool(skip)) for k, u, skip in zip(batch["key"], batch["uri"], batch["skip"])]
-    out = {c: np.array([r[c] for r in rows], dtype=object) for c in INGEST_COLUMNS}
-    out.update(width=np.array([r["width"] for r in rows], dtype=np.int64),
-               height=np.array([r["height"] for r in rows], dtype=np.int64),
-               image=np.stack([r["image"] for r in rows]))
+    rows = [ingest_row(k, u, size, bool(skip), align=align)
+            for k, u, skip in zip(batch["key"], batch["uri"], batch["skip"])]
+    out = {c: np.array([r[c] for r in rows], dtype=object) for c in TEXT_COLUMNS}
+    out.update({c: np.stack([np.asarray(r[c], dtype=t) for r in rows]) for c, t in ARRAY_COLUMNS.items()})
     return out
 
 
@@ -61,29 +74,116 @@ class InvertActor:
         return self.stage.process(batch)
 
 
-def write_parts(batch: dict, output: str, metadata: dict) -> dict:
-    io.write_part(io.to_table(batch, metadata), output)
+def write_parts(batch: dict, output: str, metadata: dict, spaces: tuple[str, ...], keep_aligned: bool) -> dict:
+    """Final task: one atomic part per batch (+ a preview grid for the first parts of a run)."""
+    table_columns = {**batch, "aligned": batch["image"]} if keep_aligned else batch
+    path = io.write_part(io.to_table(table_columns, metadata), output)
+    rows = np.flatnonzero(batch["status"] == "ok")[:4]
+    if rows.size and io.count_previews(output) < MAX_PREVIEWS:
+        columns = [batch["original"], batch["image"], *(batch[f"recon_{s}"] for s in spaces)]
+        io.write_png(output, f"previews/{io.stem(path)}.png", preview_grid(columns, rows))
     return {"key": batch["key"], "status": batch["status"], "error_code": batch["error_code"]}
+
+
+def from_ingested(batch: dict, done: set[str], allowed: set[str] | None) -> dict:
+    """Rows of an `ingest` output as invert input: finished keys dropped, keys past --limit marked skipped."""
+    keep = np.array([k not in done for k in batch["key"]], dtype=bool)
+    out = {k: np.asarray(v)[keep] for k, v in batch.items() if k != "aligned"}
+    out["image"] = out["original"] = np.asarray(batch["aligned"])[keep]
+    out["status"], out["error_code"], out["error"] = (np.array(out[c], dtype=object, copy=True)
+                                                      for c in ("status", "error_code", "error"))
+    if allowed is not None:
+        past = np.array([k not in allowed for k in out["key"]], dtype=bool) & (out["status"] == "ok")
+        out["status"][past], out["error_code"][past], out["error"][past] = "skipped", "limit", "beyond --limit"
+    return out
+
+
+def ingest_source(path: str) -> dict | None:
+    """run.json of an `ingest` output given as --input (then invert reads its aligned rows), else None."""
+    run = io.read_json(path, "run.json") if not any(c in path for c in "*?[") else None
+    return run if run and run.get("stage") == "ingest" else None
 
 
 def fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig, align: str = "none",
-               batch_size: int = 8, limit: int | None = None, overwrite: bool = False, actors: int = 1) -> dict:
-    """Run (or resume) an invert job; returns the stats written to `output/stats.json`."""
+def versions() -> dict:
+    """Versions of what computed the rows (run.json provenance)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("latentray", "torch", "ray", "numpy", "pyarrow", "pillow", "lpips", "dlib-bin"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def checkpoint_digests(stage_config: InvertStageConfig | None, align: AlignConfig, generator_id: str | None,
+                       aligns: bool) -> dict:
+    """sha256 of every model file the run used (the generator id is already its checkpoint's sha256)."""
+    from ops.align import LANDMARKS_68, face_models_dir
+
+    digests = {"generator": generator_id} if generator_id else {}
+    if stage_config is not None and stage_config.basecode_encoder:
+        digests["basecode_encoder"] = hashlib.sha256(read_bytes(stage_config.basecode_encoder)).hexdigest()
+    if aligns and align.mode == "ffhq":
+        digests["landmarks"] = hashlib.sha256((face_models_dir() / LANDMARKS_68).read_bytes()).hexdigest()
+    return digests
+
+
+class Progress:
+    """One status line on stderr, at most every few seconds: rows done / to do, rate, ETA."""
+
+    def __init__(self, stage: str, total: int, enabled: bool = True, every: float = 5.0):
+        self.stage, self.total, self.enabled, self.every = stage, total, enabled, every
+        self.done, self.t0, self.last = 0, time.time(), 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.time()
+        if self.enabled and (now - self.last >= self.every or self.done == self.total):
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            line = f"{self.stage}: {self.done}/{self.total} rows, {rate:.2f} rows/s, ETA {eta:.0f} s"
+            if sys.stderr.isatty():  # one line rewritten in place; logs get one line per update
+                print(f"\r{line}", end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+
+def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig | None,
+               align: AlignConfig = AlignConfig(), batch_size: int = 8, limit: int | None = None,
+               overwrite: bool = False, actors: int = 1, progress: bool = True, size: int | None = None) -> dict:
+    """Run (or resume) a job; returns the stats written to `output/stats.json`.
+
+    Inputs are photos (dirs, globs, files, s3://), or one `ingest` output (its aligned rows are inverted).
+    `stage_config=None` runs the `ingest` stage alone: decode + align, aligned pixels stored, at `size` (default: the
+    generator's resolution)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from models.checkpoints import load_generator
     from models.default_generator import DEFAULT_GENERATOR_PATH
 
-    if align != "none":
-        raise ValueError("--align ffhq is not available yet; use --align none")
     t0 = time.time()
-    G = load_generator(stage_config.generator or str(DEFAULT_GENERATOR_PATH))  # id and size for run.json
-    config = {"stage": dataclasses.asdict(stage_config), "align": align, "generator_id": G.generator_id}
+    stage = "invert" if stage_config is not None else "ingest"
+    upstream = ingest_source(inputs[0]) if len(inputs) == 1 else None
+    if upstream is None:
+        check_backend(align)  # a missing landmark model is a configuration error, not a failed row per image
+    generator = stage_config.generator if stage_config is not None else ""
+    G = load_generator(generator or str(DEFAULT_GENERATOR_PATH))  # id and size for run.json
+    size = size or G.size
+    if upstream is not None and upstream["config"]["size"] != G.size:
+        raise ValueError(f"{inputs[0]} was aligned at {upstream['config']['size']} px, the generator makes {G.size}")
+    config = {"stage_name": stage, "stage": dataclasses.asdict(stage_config) if stage_config else None, "size": size,
+              "align": upstream["config"]["align"] if upstream else dataclasses.asdict(align),
+              "upstream": upstream["fingerprint"] if upstream else None,
+              "generator_id": G.generator_id if stage_config else None}
     fp = fingerprint(config)
     previous = io.read_json(output, "run.json")
     if previous and previous.get("fingerprint") != fp and not overwrite:
@@ -94,33 +194,54 @@ def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig, 
 
         fs, root = fsspec.core.url_to_fs(output)
         fs.rm(root, recursive=True)
-    items = list_inputs(inputs)
     done = io.completed_keys(output)
-    # Inputs past --limit still get a row each (status skipped), so every key appears exactly once.
-    todo = [{"key": k, "uri": u, "skip": limit is not None and i >= limit}
-            for i, (k, u) in enumerate(items) if k not in done]
-    metadata = {"generator_id": G.generator_id, "architecture": G.architecture(), "base_level": stage_config.base_level,
-                "fingerprint": fp, "style_layers": [dataclasses.asdict(layer) for layer in G.style_layers]}
-    io.write_json(output, "run.json", {"fingerprint": fp, "config": config, "generator": G.architecture(),
-                                       "inputs": inputs, "started": t0})
+    metadata = {"stage": stage, "fingerprint": fp}
+    if stage_config is not None:
+        metadata.update(generator_id=G.generator_id, architecture=G.architecture(), base_level=stage_config.base_level,
+                        style_layers=[dataclasses.asdict(layer) for layer in G.style_layers])
+    digests = checkpoint_digests(stage_config, align, G.generator_id if stage_config else None, upstream is None)
+    io.write_json(output, "run.json", {"stage": stage, "fingerprint": fp, "config": config, "inputs": inputs,
+                                       "generator": G.architecture() if stage_config else None, "started": t0,
+                                       "versions": versions(), "checkpoints_sha256": digests})
     init_ray()
+    if upstream is None:
+        items = list_inputs(inputs)
+        # Inputs past --limit still get a row each (status skipped), so every key appears exactly once.
+        todo = [{"key": k, "uri": u, "skip": limit is not None and i >= limit}
+                for i, (k, u) in enumerate(items) if k not in done]
+        ds = ray.data.from_items(todo) if todo else None
+        if ds is not None:
+            ds = ds.map_batches(ingest_align, fn_kwargs={"size": size, "align": align}, batch_size=batch_size,
+                                num_cpus=1, **TASK_RETRIES)
+    else:
+        keys = sorted(io.read_dataset(inputs[0], ["key"]).column("key").to_pylist())
+        allowed = set(keys[:limit]) if limit is not None else None
+        todo = [k for k in keys if k not in done]
+        ds = ray.data.read_parquet(io.part_paths(inputs[0]), filesystem=io.arrow_filesystem(inputs[0])) \
+            if todo else None
+        if ds is not None:
+            ds = ds.map_batches(from_ingested, fn_kwargs={"done": done, "allowed": allowed}, batch_size=batch_size)
     statuses = Counter()
-    if todo:
-        ds = ray.data.from_items(todo)
-        ds = ds.map_batches(ingest_align, fn_kwargs={"size": G.size, "align": align}, batch_size=batch_size,
-                            num_cpus=1)
-        ds = ds.map_batches(InvertActor, fn_constructor_kwargs={"config": stage_config}, batch_size=batch_size,
-                            compute=ActorPoolStrategy(size=actors), num_cpus=0.5)
-        ds = ds.map_batches(write_parts, fn_kwargs={"output": output, "metadata": metadata}, batch_size=None,
-                            num_cpus=1)
+    if ds is not None:
+        if stage_config is not None:
+            ds = ds.map_batches(InvertActor, fn_constructor_kwargs={"config": stage_config}, batch_size=batch_size,
+                                compute=ActorPoolStrategy(size=actors), num_cpus=0.5, **ACTOR_RETRIES)
+        spaces = stage_config.spaces if stage_config else ()
+        ds = ds.map_batches(write_parts, fn_kwargs={"output": output, "metadata": metadata, "spaces": spaces,
+                                                    "keep_aligned": stage_config is None},
+                            batch_size=None, num_cpus=1, **TASK_RETRIES)
+        bar = Progress(stage, len(todo), progress)
         for row in ds.iter_rows():
             statuses[(row["status"], row["error_code"])] += 1
+            bar.update()
     by_status, by_error = Counter(), Counter()
     for (status, code), count in statuses.items():
         by_status[status] += count
         if code:
             by_error[code] += count
+    seconds = time.time() - t0
     stats = {"rows_processed": sum(statuses.values()), "already_done": len(done), "by_status": dict(by_status),
-             "by_error": dict(by_error), "seconds": round(time.time() - t0, 3)}
+             "by_error": dict(by_error), "seconds": round(seconds, 3),
+             "rows_per_second": round(sum(statuses.values()) / max(seconds, 1e-9), 4)}
     io.write_json(output, "stats.json", stats)
     return stats

@@ -12,14 +12,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-NOT_STORED = ("image",)  # decoded pixels travel between stages but are not part of the latent dataset
+# Pixels travel between stages (aligned input, original thumbnail, reconstructions for previews) but are not part of
+# the latent dataset.
+NOT_STORED = ("image", "original")
+
+
+def is_stored(name: str) -> bool:
+    return name not in NOT_STORED and not name.startswith("recon_")
 
 
 def to_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
     """Columns of a processed batch -> Arrow table; float tensors become `arrow.fixed_shape_tensor`."""
     arrays, names = [], []
     for name, values in batch.items():
-        if name in NOT_STORED:
+        if not is_stored(name):
             continue
         values = np.asarray(values)
         if values.ndim > 1:
@@ -54,8 +60,9 @@ def write_part(table: pa.Table, out_dir: str) -> str:
     return final
 
 
-def completed_keys(out_dir: str) -> set[str]:
-    """Keys already stored; unreadable parts (a killed writer) and stray temp files are deleted to be redone."""
+def completed_keys(out_dir: str, column: str = "key") -> set[str]:
+    """Keys already stored (or another key column's values); unreadable parts (a killed writer) and stray temp files
+    are deleted to be redone."""
     fs, root = fsspec.core.url_to_fs(out_dir)
     if not fs.exists(root):
         return set()
@@ -67,7 +74,7 @@ def completed_keys(out_dir: str) -> set[str]:
         elif base.startswith("part-") and base.endswith(".parquet"):
             try:
                 with fs.open(path, "rb") as f:
-                    done.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+                    done.update(pq.read_table(f, columns=[column]).column(column).to_pylist())
             except Exception:
                 fs.rm(path)
     return done
@@ -89,12 +96,25 @@ def read_json(out_dir: str, name: str) -> dict | None:
         return json.load(f)
 
 
+def part_paths(out_dir: str) -> list[str]:
+    """The part files of a stage output, as paths of its filesystem (no protocol)."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    return sorted(p for p in fs.ls(root, detail=False)
+                  if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
+
+
+def arrow_filesystem(out_dir: str):
+    """A pyarrow filesystem for `part_paths` (local or S3 through fsspec)."""
+    from pyarrow.fs import PyFileSystem, FSSpecHandler
+
+    return PyFileSystem(FSSpecHandler(fsspec.core.url_to_fs(out_dir)[0]))
+
+
 def read_dataset(out_dir: str, columns: list[str] | None = None) -> pa.Table:
     """All parts of a stage output as one table (plain pyarrow)."""
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    parts = sorted(p for p in fs.ls(root, detail=False) if posixpath.basename(p).startswith("part-"))
+    fs, _ = fsspec.core.url_to_fs(out_dir)
     tables = []
-    for path in parts:
+    for path in part_paths(out_dir):
         with fs.open(path, "rb") as f:
             tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables) if tables else pa.table({})
@@ -116,3 +136,49 @@ def export_latents(out_dir: str, dest: str, column: str = "wplus") -> int:
     else:
         raise ValueError(f"export destination must end in .npz or .pt, got {dest}")
     return len(keys)
+
+
+def stem(path: str) -> str:
+    return posixpath.splitext(posixpath.basename(path))[0]
+
+
+def count_previews(out_dir: str) -> int:
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    folder = posixpath.join(root, "previews")
+    return len(fs.ls(folder, detail=False)) if fs.exists(folder) else 0
+
+
+def write_png(out_dir: str, name: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    path = posixpath.join(root, name)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
+
+
+def read_rows(out_dir: str, keys, columns: list[str]) -> pa.Table:
+    """Only the rows with these keys (a filter pushed into each part read: never the whole dataset in memory)."""
+    keys = list(keys)
+    fs, _ = fsspec.core.url_to_fs(out_dir)
+    tables = []
+    for path in part_paths(out_dir):
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=["key", *columns], filters=[("key", "in", keys)]))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def write_table(out_dir: str, name: str, table: pa.Table) -> str:
+    """A result table (not a part of the row dataset), written in one go."""
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    path = posixpath.join(root, name)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+    return path
+
+
+def tensor(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-shape tensor column as one numpy array [N, ...]."""
+    return table.column(column).combine_chunks().to_numpy_ndarray()

@@ -7,6 +7,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from pipelines.demo import astronaut, grace_hopper  # public-domain portraits shipped in packages
+
 
 def _png_bomb(side: int = 20_000) -> bytes:
     """A valid greyscale PNG of side x side zero pixels (400 MB decoded at 20000) in a few hundred KB."""
@@ -53,3 +55,22 @@ def bad_input_corpus() -> dict[str, tuple[bytes, str, str]]:
         "animated.gif": (gif.getvalue(), "ok", ""),
         "bomb.png": (_png_bomb(), "failed", "too_large"),
     }
+
+
+def two_faces() -> np.ndarray:
+    """Both portraits side by side on one canvas: a photo with several faces."""
+    a, b = astronaut(), grace_hopper()
+    canvas = np.full((max(a.shape[0], b.shape[0]), a.shape[1] + b.shape[1], 3), 200, np.uint8)
+    canvas[:a.shape[0], :a.shape[1]] = a
+    canvas[:b.shape[0], a.shape[1]:] = b
+    return canvas
+
+
+def face_corpus() -> dict[str, tuple[bytes, str, str]]:
+    """The corpus as `--align ffhq` sees it: decodable images without a face fail as no_face; two face photos added
+    (one with a single face, one with two: aligned to the best face unless --strict-faces)."""
+    corpus = {name: (data, "failed", "no_face") if status == "ok" else (data, status, code)
+              for name, (data, status, code) in bad_input_corpus().items()}
+    corpus["face.png"] = (_encode(Image.fromarray(astronaut()), "PNG"), "ok", "")
+    corpus["two_faces.jpg"] = (_encode(Image.fromarray(two_faces()), "JPEG", quality=92), "ok", "")
+    return corpus

@@ -61,6 +61,8 @@ def test_bad_config_raises_before_any_row():
 def test_center_crop_resize_box():
     img = np.zeros((40, 100, 3), dtype=np.uint8)
     img[:, 30:70] = 255  # the centre square
-    out, box = center_crop_resize(img, 16)
-    assert out.shape == (16, 16, 3) and box == [30.0, 0.0, 70.0, 40.0]
-    assert out.min() == 255
+    aligned = center_crop_resize(img, 16)
+    assert aligned.image.shape == (16, 16, 3) and aligned.image.min() == 255
+    # the transform maps the crop's corner pixels onto the photo's square (30..69, 0..39), 2.5 px per aligned pixel
+    corners = aligned.transform @ np.array([[0, 0, 1], [15, 15, 1]], float).T
+    np.testing.assert_allclose(corners.T, [[30.75, 0.75], [68.25, 38.25]])

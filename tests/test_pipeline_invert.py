@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from corpus import bad_input_corpus
+from corpus import bad_input_corpus, face_corpus
 from models.default_generator import load_default_generator
 from ops.images import to_uint8
 from pipelines.cli import main
 
-ARGS = ["--spaces", "wplus,fwplus", "--base-level", "8", "--steps", "3", "--batch-size", "4",
+ARGS = ["--align", "none", "--spaces", "wplus,fwplus", "--base-level", "8", "--steps", "3", "--batch-size", "4",
         "--lpips-net", "alex", "--lpips-backbone", "random"]
 
 
@@ -59,7 +59,7 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
 
     gen = [i for i, k in enumerate(keys) if k.startswith("gen/")]
     G = load_default_generator()
-    targets = torch.stack([torch.from_numpy(np.asarray(Image.open(photo_dir / keys[i]))) for i in gen])
+    targets = torch.stack([torch.from_numpy(np.array(Image.open(photo_dir / keys[i]))) for i in gen])
     targets = targets.permute(0, 3, 1, 2).float() / 127.5 - 1
     base = table.column("fwplus_base_code").combine_chunks().to_numpy_ndarray()[gen]
     fw = table.column("fwplus_wplus").combine_chunks().to_numpy_ndarray()[gen]
@@ -91,3 +91,82 @@ def test_limit_marks_the_rest_skipped(photo_dir, tmp_path):
     table = read_all(out)
     assert sorted(zip(table.column("key").to_pylist(), table.column("status").to_pylist())) == \
         [("0.png", "ok"), ("1.png", "skipped"), ("2.png", "skipped")]
+
+
+def test_ffhq_alignment_accounts_for_faces_and_no_faces(tmp_path):
+    """The corpus plus two public-domain portraits under --align ffhq: every input once; photos without a face fail
+    as no_face; the two-face photo aligns its best face (n_faces 2) or fails as multiple_faces with --strict-faces;
+    landmarks, quad and transform are stored; previews and provenance are written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    corpus = face_corpus()
+    for name, (data, _, _) in corpus.items():
+        (photos / name).write_bytes(data)
+    fast = ARGS[2:]  # without "--align none"
+    out = tmp_path / "faces"
+    assert main(["invert", "--input", str(photos), "--output", str(out), "--align", "ffhq", *fast]) == 0
+    table = read_all(out)
+    rows = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    assert sorted(rows) == sorted(corpus)
+    status, codes = table.column("status").to_pylist(), table.column("error_code").to_pylist()
+    for name, (_, st, code) in corpus.items():
+        assert (status[rows[name]], codes[rows[name]]) == (st, code), name
+    n_faces = table.column("n_faces").to_pylist()
+    assert n_faces[rows["face.png"]] == 1 and n_faces[rows["two_faces.jpg"]] == 2
+    landmarks = table.column("landmarks").combine_chunks().to_numpy_ndarray()
+    transform = table.column("align_transform").combine_chunks().to_numpy_ndarray()
+    assert landmarks.shape == (len(rows), 68, 2) and transform.shape == (len(rows), 2, 3)
+    face = rows["face.png"]
+    assert np.isfinite(landmarks[face]).all() and np.isnan(landmarks[rows["ok.jpg"]]).all()
+    # the aligned crop's centre maps into the astronaut's face box
+    cx, cy = transform[face] @ np.array([31.5, 31.5, 1.0])
+    assert 175 < cx < 265 and 76 < cy < 190
+    assert list((out / "previews").glob("*.png"))
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["align"]["mode"] == "ffhq" and len(run["checkpoints_sha256"]["landmarks"]) == 64
+    assert {"torch", "ray", "dlib-bin"} <= set(run["versions"])
+    strict = tmp_path / "strict"
+    assert main(["invert", "--input", str(photos / "two_faces.jpg"), "--output", str(strict), "--align", "ffhq",
+                 "--strict-faces", *fast]) == 0
+    table = read_all(strict)
+    assert table.column("error_code").to_pylist() == ["multiple_faces"]
+
+
+def test_run_file_chains_ingest_then_invert(tmp_path):
+    """`latentray run`: ingest (FFHQ alignment, aligned pixels stored) then invert reading that output."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    corpus = {k: v for k, v in face_corpus().items() if k in ("face.png", "two_faces.jpg", "ok.jpg", "text.jpg")}
+    for name, (data, _, _) in corpus.items():
+        (photos / name).write_bytes(data)
+    aligned, latents = tmp_path / "aligned", tmp_path / "latents"
+    (tmp_path / "pipeline.yaml").write_text(f"""
+stages:
+  - stage: ingest
+    input: {photos}
+    output: {aligned}
+    align: ffhq
+  - stage: invert
+    input: {aligned}
+    output: {latents}
+    spaces: wplus
+    steps: 3
+    limit: 3
+    lpips-net: alex
+    lpips-backbone: random
+""")
+    assert main(["run", str(tmp_path / "pipeline.yaml")]) == 0
+    ingested = read_all(aligned)
+    pixels = ingested.column("aligned").combine_chunks().to_numpy_ndarray()
+    assert pixels.shape == (4, 64, 64, 3) and pixels.dtype == np.uint8
+    table = read_all(latents)
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == sorted(corpus)
+    status = dict(zip(keys, zip(table.column("status").to_pylist(), table.column("error_code").to_pylist())))
+    # sorted keys: face.png, ok.jpg, text.jpg | two_faces.jpg is past --limit 3; failures of ingest are kept
+    assert status == {"face.png": ("ok", ""), "ok.jpg": ("failed", "no_face"), "text.jpg": ("failed", "decode_error"),
+                      "two_faces.jpg": ("skipped", "limit")}
+    i = keys.index("face.png")
+    assert np.isfinite(table.column("wplus").combine_chunks().to_numpy_ndarray()[i]).all()
+    assert table.column("n_faces").to_pylist()[i] == 1
+    assert "aligned" not in table.column_names

@@ -56,6 +56,7 @@ def test_invert_s3_to_s3_without_leaking_credentials(s3, capsys):
         s3.put_object(Bucket="photos", Key=f"in/{i}.png", Body=buf.getvalue())
     s3.put_object(Bucket="photos", Key="in/broken.jpg", Body=b"not an image")
     code = main(["invert", "--input", "s3://photos/in/", "--output", "s3://latents/run1", "--steps", "2",
+                 "--align", "none",
                  "--lpips-net", "alex", "--lpips-backbone", "random"])
     assert code == 0
     objects = {o["Key"] for o in s3.list_objects_v2(Bucket="latents")["Contents"]}
