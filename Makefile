@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_generator.py
 	$(PY) benchmarks/bench_invert.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_channels.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -32,7 +32,6 @@ def time_runs(fn, runs: int) -> list[float]:
 
 def grouped_conv_synthesis(G: Generator, wplus: torch.Tensor) -> torch.Tensor:
     """Rosinality's per-sample path (one modulated weight per image, groups=B), for the side-by-side ratio."""
-    import math
     import torch.nn.functional as F
 
     def modconv(layer, x, s, demod=True):

@@ -67,20 +67,21 @@ def bar_chart(labels: list[str], values: np.ndarray, width: int = 640, bar: int 
     return np.asarray(im)
 
 
-def heat_map(matrix: np.ndarray, row_labels: list[str], col_labels: list[str], cell: int = 14) -> np.ndarray:
+def heat_map(matrix: np.ndarray, row_labels: list[str], col_labels: list[str], cell: int = 14,
+             col_width: int = 64) -> np.ndarray:
     """A [R, C] matrix in [0, 1] as grey-to-red cells with row and column labels; uint8 image."""
     from PIL import Image, ImageDraw
 
-    left, top = 150, 60
-    im = Image.new("RGB", (left + cell * len(col_labels) + 4, top + cell * len(row_labels) + 4), "white")
+    left, top = 150, 24
+    im = Image.new("RGB", (left + col_width * len(col_labels) + 4, top + cell * len(row_labels) + 4), "white")
     draw = ImageDraw.Draw(im)
     for j, label in enumerate(col_labels):
-        draw.text((left + j * cell, 4 + (j % 4) * 12), label[:10], fill="black")
+        draw.text((left + j * col_width + 2, 6), label[:10], fill="black")
     for i, label in enumerate(row_labels):
         draw.text((4, top + i * cell), label[:24], fill="black")
         for j in range(len(col_labels)):
             v = float(np.clip(matrix[i, j], 0, 1))
             colour = (int(235 - 35 * v), int(235 - 200 * v), int(235 - 200 * v))
-            draw.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1, top + (i + 1) * cell - 1],
-                           fill=colour)
+            draw.rectangle([left + j * col_width, top + i * cell, left + (j + 1) * col_width - 2,
+                            top + (i + 1) * cell - 1], fill=colour)
     return np.asarray(im)

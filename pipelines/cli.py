@@ -122,7 +122,7 @@ def cmd_edit(args) -> None:
         raise ValueError("--edits FILE is required")
     stats = run_edit(args.input[0], args.output, read_edits(args.edits), space=args.space,
                      generator=args.generator or "", batch_size=args.batch_size, overwrite=args.overwrite,
-                     actors=args.actors, cache_dir=args.cache_dir)
+                     actors=args.actors, cache_dir=args.cache_dir, channel_stats=args.channel_stats)
     print(f"edit: {stats['by_status']} in {stats['seconds']:.1f} s; outputs in {args.output}, previews in "
           f"{args.output.rstrip('/')}/previews")
 
@@ -135,7 +135,8 @@ def cmd_channels(args) -> None:
         with open(args.exemplars) as f:
             exemplars = [line.strip() for line in f if line.strip()]
     stats = run_channels(args.input[0], args.output, exemplars, args.exemplar_column, args.local_sample,
-                         args.generator or "", args.batch_size, args.grid, args.top, args.overwrite, args.actors)
+                         args.generator or "", args.batch_size, args.grid, args.top, args.overwrite, args.actors,
+                         args.exemplar_filter, args.mask_column, args.mask_labels)
     print(f"channels: {stats}; outputs in {args.output}")
 
 
@@ -223,13 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", help="checkpoint (default: the one recorded by invert; its id is checked)")
     p.add_argument("--actors", type=int, default=1, help="render actors (default 1)")
     p.add_argument("--cache-dir", help="where to cache per-generator S statistics")
+    p.add_argument("--channel-stats", help="a `channels` output whose population std scales channel edits "
+                                           "(default: 10k samples of the generator, truncated 0.7)")
     p.set_defaults(func=cmd_edit)
     p = stages["channels"] = sub.add_parser("channels", help="StyleSpace channel statistics of an invert output")
     io_options(p, "an invert output holding S (space s) or W+ latents", batch_size=64)
     p.add_argument("--exemplars", help="file with one key per line: the attribute's exemplar rows")
     p.add_argument("--exemplar-column", help="boolean column of the input marking exemplar rows")
+    p.add_argument("--exemplar-filter", help="exemplar rows by a condition on a column, e.g. \"smile > 0.5\"")
     p.add_argument("--local-sample", type=int, default=0,
                    help="images (ok rows with landmarks) for locally-active channels (default 0: skip)")
+    p.add_argument("--mask-column", help="label-map column [H, W] for locally-active channels (default: masks "
+                                         "from the stored face landmarks)")
+    p.add_argument("--mask-labels", type=int, default=0, help="number of labels in --mask-column maps")
     p.add_argument("--grid", type=int, default=32, help="gradient-map resolution (default 32, as StyleSpace)")
     p.add_argument("--top", type=int, default=30, help="channels in the bar chart (default 30)")
     p.add_argument("--generator", help="checkpoint (default: the one recorded by invert)")

@@ -30,6 +30,8 @@ def to_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
         values = np.asarray(values)
         if values.ndim > 1:
             arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values)))
+        elif values.dtype == object and len(values) and isinstance(values[0], bytes):
+            arrays.append(pa.array(list(values), pa.binary()))
         elif values.dtype == object:
             arrays.append(pa.array([str(v) for v in values], pa.string()))
         else:
@@ -104,10 +106,11 @@ def part_paths(out_dir: str) -> list[str]:
 
 
 def arrow_filesystem(out_dir: str):
-    """A pyarrow filesystem for `part_paths` (local or S3 through fsspec)."""
-    from pyarrow.fs import PyFileSystem, FSSpecHandler
+    """A pyarrow filesystem for `part_paths`: native for local paths, fsspec's (S3) wrapped otherwise."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem as ArrowLocal, PyFileSystem
 
-    return PyFileSystem(FSSpecHandler(fsspec.core.url_to_fs(out_dir)[0]))
+    fs = fsspec.core.url_to_fs(out_dir)[0]
+    return ArrowLocal() if isinstance(fs, LocalFileSystem) else PyFileSystem(FSSpecHandler(fs))
 
 
 def read_dataset(out_dir: str, columns: list[str] | None = None) -> pa.Table:

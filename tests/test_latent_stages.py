@@ -1,0 +1,166 @@
+"""`edit` and `channels` on a latent dataset made by `latentray invert`, chained in one `latentray run` file."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from corpus import face_corpus
+from models.default_generator import load_default_generator
+from ops.edit import channel_std
+from pipelines.cli import main
+
+
+def read_all(out):
+    return pq.read_table([str(p) for p in sorted(out.glob("part-*.parquet"))])
+
+
+def tensor(table, column):
+    return table.column(column).combine_chunks().to_numpy_ndarray()
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent_stages")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in ("face.png", "two_faces.jpg", "ok.jpg"):  # ok.jpg has no face: a failed source row
+        (photos / name).write_bytes(face_corpus()[name][0])
+    G = load_default_generator()
+    np.save(root / "direction.npy", np.random.default_rng(0).normal(size=G.style_dim).astype(np.float32))
+    (root / "edits.yaml").write_text(f"""
+- {{kind: direction, name: dir, path: {root / 'direction.npy'}, strengths: [0, 2], layers: [0, 4]}}
+- {{kind: channel, layer: {G.style_layers[3].name}, channel: 5, strengths: [-10, 10]}}
+- {{kind: interpolate, other: two_faces.jpg, strengths: [0, 1]}}
+- {{kind: mix, other: two_faces.jpg, strengths: [4]}}
+- {{kind: arithmetic, a: face.png, b: two_faces.jpg, strengths: [1]}}
+- {{kind: geometric, shift: [8, 0], strengths: [1]}}
+""")
+    (root / "geometric.yaml").write_text("- {kind: geometric, shift: [8, 0], degrees: 5, strengths: [0, 1]}\n")
+    (root / "channel.yaml").write_text(f"- {{kind: channel, layer: {G.style_layers[3].name}, channel: 5, "
+                                       "strengths: [10]}\n")
+    (root / "exemplars.txt").write_text("face.png\ntwo_faces.jpg\n")
+    (root / "pipeline.yaml").write_text(f"""
+stages:
+  - {{stage: invert, input: {photos}, output: {root / 'latents'}, spaces: "wplus,s,fwplus", steps: 3,
+     lpips-net: alex, lpips-backbone: random}}
+  - {{stage: edit, input: {root / 'latents'}, output: {root / 'edits'}, edits: {root / 'edits.yaml'}}}
+  - {{stage: edit, input: {root / 'latents'}, output: {root / 'moved'}, edits: {root / 'geometric.yaml'},
+     space: fwplus}}
+  - {{stage: channels, input: {root / 'latents'}, output: {root / 'channels'}, exemplars: {root / 'exemplars.txt'},
+     local-sample: 2, grid: 8}}
+  - {{stage: edit, input: {root / 'latents'}, output: {root / 'channel_edit'}, edits: {root / 'channel.yaml'},
+     channel-stats: {root / 'channels'}}}
+""")
+    assert main(["run", str(root / "pipeline.yaml")]) == 0
+    return root, G
+
+
+def test_edit_rows_and_defining_properties(stages):
+    root, G = stages
+    latents, edits = read_all(root / "latents"), read_all(root / "edits")
+    source = {k: i for i, k in enumerate(latents.column("key").to_pylist())}
+    rows = {k: i for i, k in enumerate(edits.column("key").to_pylist())}
+    assert len(rows) == 3 * 9  # 3 sources x 9 (edit, strength) pairs, each exactly once
+    status = edits.column("status").to_pylist()
+    code = edits.column("error_code").to_pylist()
+    assert {code[i] for k, i in rows.items() if k.startswith("ok.jpg|")} == {"source_not_ok"}
+    assert status[rows["face.png|geometric|1"]] == "skipped" and code[rows["face.png|geometric|1"]] == "not_applicable"
+    wplus, styles = tensor(edits, "wplus"), tensor(edits, "styles")
+    src_w, other_w = tensor(latents, "wplus")[source["face.png"]], tensor(latents, "wplus")[source["two_faces.jpg"]]
+    np.testing.assert_array_equal(wplus[rows["face.png|dir|0"]], src_w)  # strength 0 is the source, exactly
+    moved = wplus[rows["face.png|dir|2"]] - src_w
+    d = np.load(root / "direction.npy")
+    np.testing.assert_allclose(moved[:4], np.broadcast_to(2 * d, (4, G.style_dim)), atol=1e-5)
+    assert np.all(moved[4:] == 0)
+    # channel edit: S of the source plus alpha * std at one index, NaN W+ (S edits have no W+ preimage)
+    with torch.no_grad():
+        s_src = G.styles_to_vector(G.styles(torch.from_numpy(src_w[None])))[0].numpy()
+    index = G.style_layers[3].offset + 5
+    delta = styles[rows["face.png|channel|10"]] - s_src
+    assert np.flatnonzero(np.abs(delta) > 1e-5).tolist() == [index]
+    np.testing.assert_allclose(delta[index], 10 * channel_std(G)[index].item(), rtol=1e-4)
+    assert np.isnan(wplus[rows["face.png|channel|10"]]).all()
+    np.testing.assert_allclose(wplus[rows["face.png|interpolate|1"]], other_w, atol=1e-6)
+    np.testing.assert_array_equal(wplus[rows["face.png|interpolate|0"]], src_w)
+    mixed = wplus[rows["face.png|mix|4"]]
+    np.testing.assert_array_equal(mixed[:4], src_w[:4])
+    np.testing.assert_allclose(wplus[rows["face.png|arithmetic|1"]], other_w, atol=1e-6)  # a + (b - a) = b
+    np.testing.assert_array_equal(mixed[4:], other_w[4:])
+    # the stored PNG is the rendering of the stored latent
+    png = np.asarray(Image.open(io.BytesIO(edits.column("image_png")[rows["face.png|dir|2"]].as_py())))
+    with torch.no_grad():
+        expected = ((G.synthesis(torch.from_numpy(wplus[rows["face.png|dir|2"]][None])) + 1) * 127.5)
+    assert np.abs(png.astype(float) - expected.clamp(0, 255)[0].permute(1, 2, 0).numpy()).max() <= 1
+    assert (root / "edits" / "previews" / "edit-dir.png").exists()
+
+
+def test_geometric_edit_of_fwplus_latents_moves_the_base_code(stages):
+    root, G = stages
+    latents, moved = read_all(root / "latents"), read_all(root / "moved")
+    keys = moved.column("key").to_pylist()
+    i0, i1 = keys.index("face.png|geometric|0"), keys.index("face.png|geometric|1")
+    src = latents.column("key").to_pylist().index("face.png")
+    base = tensor(moved, "fwplus_base_code")
+    np.testing.assert_array_equal(base[i0], tensor(latents, "fwplus_base_code")[src])
+    assert not np.allclose(base[i1], base[i0])
+    np.testing.assert_array_equal(tensor(moved, "fwplus_wplus")[i1], tensor(latents, "fwplus_wplus")[src])
+
+
+def test_channel_statistics_of_the_population(stages):
+    root, G = stages
+    latents = read_all(root / "latents")
+    ok = np.array([s == "ok" for s in latents.column("status").to_pylist()])
+    s = tensor(latents, "styles")[ok].astype(np.float64)
+    pop = pq.read_table(root / "channels" / "population_stats.parquet").to_pydict()
+    np.testing.assert_allclose(pop["mean"], s.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(pop["std"], s.std(0), rtol=1e-6, atol=1e-9)
+    assert set(pop["count"]) == {2} and pop["index"] == list(range(G.n_styles))
+    attr = pq.read_table(root / "channels" / "attribute_channels.parquet").to_pydict()
+    assert {"layer", "channel", "index", "theta", "is_torgb"} <= set(attr)
+    assert np.all(np.diff(np.array(attr["theta"])[np.isfinite(attr["theta"])]) <= 0)
+    local = pq.read_table(root / "channels" / "local_channels.parquet").to_pydict()
+    assert len(local["index"]) == sum(l.width for l in G.style_layers if not l.is_torgb)
+    freq = np.stack([local[f"freq_{r}"] for r in ("background", "face", "brows", "eyes", "nose", "mouth")], 1)
+    assert np.all((freq >= 0) & (freq <= 1))
+    assert (root / "channels" / "previews" / "attribute_channels.png").exists()
+
+
+def test_channel_edits_can_take_the_std_of_a_channels_output(stages):
+    root, G = stages
+    pop = pq.read_table(root / "channels" / "population_stats.parquet").to_pydict()
+    index = G.style_layers[3].offset + 5
+    edited, plain = read_all(root / "channel_edit"), read_all(root / "edits")
+    k = edited.column("key").to_pylist().index("face.png|channel|10")
+    base = plain.column("key").to_pylist().index("face.png|channel|-10")
+    s_plus, s_minus = tensor(edited, "styles")[k], tensor(plain, "styles")[base]
+    source = s_minus[index] + 10 * channel_std(G)[index].item()  # undo the -10 std edit
+    np.testing.assert_allclose(s_plus[index] - source, 10 * pop["std"][index], rtol=1e-4, atol=1e-6)
+
+
+def test_population_of_w_plus_latents_goes_through_the_generator(stages):
+    from models.default_generator import DEFAULT_GENERATOR_PATH
+    from pipelines.latents import population_stats
+
+    root, G = stages
+    latents = read_all(root / "latents")
+    ok = np.array([s == "ok" for s in latents.column("status").to_pylist()])
+    with torch.no_grad():
+        s = G.styles_to_vector(G.styles(torch.from_numpy(tensor(latents, "wplus")[ok]))).double().numpy()
+    stats = population_stats(str(root / "latents"), "wplus", str(DEFAULT_GENERATOR_PATH))
+    assert stats.count == 2
+    np.testing.assert_allclose(stats.mean_, s.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats.std(), s.std(0), rtol=1e-4, atol=1e-6)
+
+
+def test_exemplars_can_be_chosen_by_a_condition_on_a_column(stages):
+    from pipelines.latents import filter_keys
+
+    root, _ = stages
+    assert filter_keys(str(root / "latents"), "n_faces == 2") == ["two_faces.jpg"]
+    assert sorted(filter_keys(str(root / "latents"), "wplus_psnr > 0")) == ["face.png", "two_faces.jpg"]
+    with pytest.raises(ValueError, match="op in"):
+        filter_keys(str(root / "latents"), "n_faces ~ 2")
