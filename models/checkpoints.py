@@ -76,7 +76,7 @@ def fir_taps(kernel2d: torch.Tensor) -> list[float]:
     return (row / row.sum()).tolist()
 
 
-def _build(arch: dict, sd: dict[str, torch.Tensor], w_avg, name: str) -> Generator:
+def build_generator(arch: dict, sd: dict[str, torch.Tensor], w_avg, name: str) -> Generator:
     G = Generator(**arch)
     # FIR kernels are constants; NVIDIA stores them under other names and shapes, so take ours where absent.
     sd = {**{k: v for k, v in G.state_dict().items() if k.endswith("kernel")}, **sd}
@@ -95,10 +95,10 @@ def _generator_from_torch_file(obj, name: str) -> tuple[Generator, str]:
     if obj.get("format") == OUR_FORMAT:
         arch = json.loads(obj["architecture"])
         arch["channels"] = {int(k): v for k, v in arch["channels"].items()}
-        return _build(arch, obj["state_dict"], obj.get("w_avg"), name), "latentray"
+        return build_generator(arch, obj["state_dict"], obj.get("w_avg"), name), "latentray"
     if "g_ema" in obj:
         sd = obj["g_ema"]
-        return _build(infer_rosinality_architecture(sd), sd, obj.get("latent_avg"), name), "rosinality"
+        return build_generator(infer_rosinality_architecture(sd), sd, obj.get("latent_avg"), name), "rosinality"
     raise CheckpointError(f"{name}: expected a rosinality checkpoint (key 'g_ema') or a latentray generator, "
                           f"found keys {sorted(obj)[:10]}")
 
@@ -254,7 +254,7 @@ def _generator_from_nvidia_pickle(data: bytes, name: str) -> Generator:
         raise CheckpointError(f"{name}: expected an NVIDIA snapshot with 'G_ema', found {found}")
     nv = g.state_dict()
     sd, w_avg = nvidia_to_rosinality(nv)
-    return _build(_nvidia_architecture(g, sd, nv), sd, w_avg, name)
+    return build_generator(_nvidia_architecture(g, sd, nv), sd, w_avg, name)
 
 
 # ----- public API --------------------------------------------------------------------------------------------------

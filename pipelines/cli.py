@@ -140,6 +140,17 @@ def cmd_channels(args) -> None:
     print(f"channels: {stats}; outputs in {args.output}")
 
 
+def cmd_translate(args) -> None:
+    from pipelines.translate import run_translate
+
+    if not args.cyclegan:
+        raise ValueError("--cyclegan CHECKPOINT is required")
+    stats = run_translate(args.input, args.output, args.cyclegan, args.column, args.preprocess, args.load_size,
+                          args.batch_size, args.overwrite, args.actors, args.device)
+    print(f"translate: {stats['by_status']} ({stats['already_done']} already done) in {stats['seconds']:.1f} s; "
+          f"outputs in {args.output}, previews in {args.output.rstrip('/')}/previews")
+
+
 def cmd_export(args) -> None:
     from pipelines.io import export_latents
 
@@ -242,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", help="checkpoint (default: the one recorded by invert)")
     p.add_argument("--actors", type=int, default=1)
     p.set_defaults(func=cmd_channels)
+    p = stages["translate"] = sub.add_parser("translate", help="CycleGAN translation of photos or a stage's images")
+    io_options(p, "photos (dirs, globs, s3://) or one stage output (then --column names its image column)")
+    p.add_argument("--cyclegan", help="junyanz generator checkpoint, e.g. latest_net_G_A.pth (A->B)")
+    p.add_argument("--column", default="", help="image column of a stage output: aligned (ingest), image_png (edit)")
+    p.add_argument("--preprocess", default="resize_and_crop", choices=["resize_and_crop", "none"],
+                   help="official test pre-processing: squash to --load-size (default), or sides to multiples of 4")
+    p.add_argument("--load-size", type=int, default=256, help="resize_and_crop size (default 256)")
+    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_translate)
     p = sub.add_parser("run", help="run a YAML pipeline file: a list of stages with their options")
     p.add_argument("file", help="YAML: {stages: [{stage: ingest, input: ..., output: ..., ...}, {stage: invert, ...}]}")
     p.set_defaults(func=cmd_run)
