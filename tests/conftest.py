@@ -21,3 +21,25 @@ def reference_file(*parts: str) -> Path:
 
 def load_cases(*parts: str) -> dict:
     return torch.load(reference_file(*parts), weights_only=True)
+
+
+def key_listing(*parts: str) -> dict[str, tuple[int, ...]]:
+    """A golden key listing (`name<ws>(shape) dtype` or `name<tab>[shape]`) -> {name: shape}."""
+    import re
+
+    rows = {}
+    for line in reference_file(*parts).read_text().splitlines():
+        name, rest = line.split(None, 1)
+        rows[name] = tuple(int(v) for v in re.findall(r"\d+", re.search(r"[(\[]([^)\]]*)", rest).group(1)))
+    return rows
+
+
+def read_parts(out: Path):
+    """Every part file of a stage output as one pyarrow table."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table([str(p) for p in sorted(Path(out).glob("part-*.parquet"))])
+
+
+def tensor(table, column: str):
+    return table.column(column).combine_chunks().to_numpy_ndarray()

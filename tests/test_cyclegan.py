@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import reference_file
+from conftest import key_listing, reference_file
 from models.checkpoints import CheckpointError
 from models.cyclegan import ResnetGenerator, load_cyclegan
 from ops.translate import preprocess, to_uint8_truncated
@@ -38,10 +38,7 @@ def test_uint8_conversion_truncates_like_tensor2im():
     ("keys_resnet_9blocks_ngf64.txt", dict(ngf=64, n_blocks=9)),
     ("keys_small_resnet_2blocks_ngf8.txt", dict(ngf=8, n_blocks=2))])
 def test_key_listings_match_our_module(keys_file, config):
-    listed = {}
-    for line in reference_file(f"cyclegan/{keys_file}").read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        listed[name] = tuple(int(v) for v in rest.split(")")[0].strip("(").split(",") if v.strip())
+    listed = key_listing(f"cyclegan/{keys_file}")
     ours = {k: tuple(v.shape) for k, v in ResnetGenerator(**config).state_dict().items()}
     assert ours == listed
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import reference_file
+from conftest import key_listing, reference_file
 from models.checkpoints import CheckpointError
 from models.dualstylegan import load_dualstylegan, load_exstyle_codes
 
@@ -101,10 +101,7 @@ def test_key_listings_match_our_module(keys_file):
     from models.dualstylegan import DualStyleGAN
     from models.stylegan2 import Generator
 
-    listed = {}
-    for line in reference_file(f"dualstylegan/{keys_file}").read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        listed[name] = tuple(int(v) for v in rest.split(")")[0].strip("(").split(",") if v.strip())
+    listed = key_listing(f"dualstylegan/{keys_file}")
     with torch.device("meta"):
         G = Generator(1024) if "1024" in keys_file else \
             Generator(64, 64, 8, channels={4: 32, 8: 32, 16: 24, 32: 16, 64: 8})

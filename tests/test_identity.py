@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import reference_file
+from conftest import key_listing, reference_file
 from models.checkpoints import CheckpointError
 from models.identity import ArcFace, load_arcface
 
@@ -29,10 +29,7 @@ def test_small_arcface_reproduces_the_golden_features(cases):
 
 
 def test_full_size_key_listing_matches():
-    listed = {}
-    for line in reference_file("encoders/keys_arcface_ir_se50.txt").read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        listed[name] = tuple(int(v) for v in rest.split(")")[0].strip("(").split(",") if v.strip())
+    listed = key_listing("encoders/keys_arcface_ir_se50.txt")
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in ArcFace([64, 128, 256, 512]).state_dict().items()}
     assert ours == listed

@@ -8,18 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import read_parts, tensor
 from corpus import face_corpus
 from models.default_generator import load_default_generator
 from ops.edit import channel_std
 from pipelines.cli import main
-
-
-def read_all(out):
-    return pq.read_table([str(p) for p in sorted(out.glob("part-*.parquet"))])
-
-
-def tensor(table, column):
-    return table.column(column).combine_chunks().to_numpy_ndarray()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ stages:
 
 def test_edit_rows_and_defining_properties(stages):
     root, G = stages
-    latents, edits = read_all(root / "latents"), read_all(root / "edits")
+    latents, edits = read_parts(root / "latents"), read_parts(root / "edits")
     source = {k: i for i, k in enumerate(latents.column("key").to_pylist())}
     rows = {k: i for i, k in enumerate(edits.column("key").to_pylist())}
     assert len(rows) == 3 * 9  # 3 sources x 9 (edit, strength) pairs, each exactly once
@@ -100,7 +93,7 @@ def test_edit_rows_and_defining_properties(stages):
 
 def test_geometric_edit_of_fwplus_latents_moves_the_base_code(stages):
     root, G = stages
-    latents, moved = read_all(root / "latents"), read_all(root / "moved")
+    latents, moved = read_parts(root / "latents"), read_parts(root / "moved")
     keys = moved.column("key").to_pylist()
     i0, i1 = keys.index("face.png|geometric|0"), keys.index("face.png|geometric|1")
     src = latents.column("key").to_pylist().index("face.png")
@@ -112,7 +105,7 @@ def test_geometric_edit_of_fwplus_latents_moves_the_base_code(stages):
 
 def test_channel_statistics_of_the_population(stages):
     root, G = stages
-    latents = read_all(root / "latents")
+    latents = read_parts(root / "latents")
     ok = np.array([s == "ok" for s in latents.column("status").to_pylist()])
     s = tensor(latents, "styles")[ok].astype(np.float64)
     pop = pq.read_table(root / "channels" / "population_stats.parquet").to_pydict()
@@ -133,7 +126,7 @@ def test_channel_edits_can_take_the_std_of_a_channels_output(stages):
     root, G = stages
     pop = pq.read_table(root / "channels" / "population_stats.parquet").to_pydict()
     index = G.style_layers[3].offset + 5
-    edited, plain = read_all(root / "channel_edit"), read_all(root / "edits")
+    edited, plain = read_parts(root / "channel_edit"), read_parts(root / "edits")
     k = edited.column("key").to_pylist().index("face.png|channel|10")
     base = plain.column("key").to_pylist().index("face.png|channel|-10")
     s_plus, s_minus = tensor(edited, "styles")[k], tensor(plain, "styles")[base]
@@ -146,7 +139,7 @@ def test_population_of_w_plus_latents_goes_through_the_generator(stages):
     from pipelines.latents import population_stats
 
     root, G = stages
-    latents = read_all(root / "latents")
+    latents = read_parts(root / "latents")
     ok = np.array([s == "ok" for s in latents.column("status").to_pylist()])
     with torch.no_grad():
         s = G.styles_to_vector(G.styles(torch.from_numpy(tensor(latents, "wplus")[ok]))).double().numpy()

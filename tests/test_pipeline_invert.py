@@ -3,11 +3,11 @@
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+from conftest import read_parts
 from corpus import bad_input_corpus, face_corpus
 from models.default_generator import load_default_generator
 from ops.images import to_uint8
@@ -31,14 +31,10 @@ def photo_dir(tmp_path_factory):
     return root
 
 
-def read_all(out):
-    return pq.read_table([str(p) for p in sorted(out.glob("part-*.parquet"))])
-
-
 def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
     out = tmp_path / "latents"
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS]) == 0
-    table = read_all(out)
+    table = read_parts(out)
     keys = table.column("key").to_pylist()
     expected = bad_input_corpus()
     assert sorted(keys) == sorted([*expected, "gen/0.png", "gen/1.png", "gen/2.png"])
@@ -78,7 +74,7 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
     assert set(torch.load(tmp_path / "w.pt", weights_only=True)) == set(exported["keys"])
     # rerun: nothing left to do
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS]) == 0
-    assert sorted(read_all(out).column("key").to_pylist()) == sorted(keys)
+    assert sorted(read_parts(out).column("key").to_pylist()) == sorted(keys)
     assert json.loads((out / "stats.json").read_text())["rows_processed"] == 0
     # a different configuration refuses to resume
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS[:-2], "--lpips-backbone",
@@ -88,7 +84,7 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
 def test_limit_marks_the_rest_skipped(photo_dir, tmp_path):
     out = tmp_path / "limited"
     assert main(["invert", "--input", str(photo_dir / "gen"), "--output", str(out), "--limit", "1", *ARGS]) == 0
-    table = read_all(out)
+    table = read_parts(out)
     assert sorted(zip(table.column("key").to_pylist(), table.column("status").to_pylist())) == \
         [("0.png", "ok"), ("1.png", "skipped"), ("2.png", "skipped")]
 
@@ -105,7 +101,7 @@ def test_ffhq_alignment_accounts_for_faces_and_no_faces(tmp_path):
     fast = ARGS[2:]  # without "--align none"
     out = tmp_path / "faces"
     assert main(["invert", "--input", str(photos), "--output", str(out), "--align", "ffhq", *fast]) == 0
-    table = read_all(out)
+    table = read_parts(out)
     rows = {k: i for i, k in enumerate(table.column("key").to_pylist())}
     assert sorted(rows) == sorted(corpus)
     status, codes = table.column("status").to_pylist(), table.column("error_code").to_pylist()
@@ -128,7 +124,7 @@ def test_ffhq_alignment_accounts_for_faces_and_no_faces(tmp_path):
     strict = tmp_path / "strict"
     assert main(["invert", "--input", str(photos / "two_faces.jpg"), "--output", str(strict), "--align", "ffhq",
                  "--strict-faces", *fast]) == 0
-    table = read_all(strict)
+    table = read_parts(strict)
     assert table.column("error_code").to_pylist() == ["multiple_faces"]
 
 
@@ -156,10 +152,10 @@ stages:
     lpips-backbone: random
 """)
     assert main(["run", str(tmp_path / "pipeline.yaml")]) == 0
-    ingested = read_all(aligned)
+    ingested = read_parts(aligned)
     pixels = ingested.column("aligned").combine_chunks().to_numpy_ndarray()
     assert pixels.shape == (4, 64, 64, 3) and pixels.dtype == np.uint8
-    table = read_all(latents)
+    table = read_parts(latents)
     keys = table.column("key").to_pylist()
     assert sorted(keys) == sorted(corpus)
     status = dict(zip(keys, zip(table.column("status").to_pylist(), table.column("error_code").to_pylist())))

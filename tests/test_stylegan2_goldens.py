@@ -1,12 +1,11 @@
 """Our Generator against the golden outputs of the official rosinality and NVIDIA code (reference/stylegan2)."""
 
 import contextlib
-import re
 
 import pytest
 import torch
 
-from conftest import load_cases, reference_file
+from conftest import key_listing, load_cases, reference_file
 from models.checkpoints import load_generator
 
 IMG_TOL, MAP_TOL = 1e-4, 1e-5
@@ -226,11 +225,7 @@ def test_both_formats_give_the_same_generator(ros, nv):
 
 # ----- key listings --------------------------------------------------------------------------------------------------
 def read_key_listing(name):
-    rows = {}
-    for line in reference_file("stylegan2", name).read_text().splitlines():
-        key, shape = line.split("\t")
-        rows[key] = [int(x) for x in re.findall(r"\d+", shape)]
-    return rows
+    return {k: list(v) for k, v in key_listing("stylegan2", name).items()}
 
 
 @pytest.mark.parametrize("size,listing", [(256, "rosinality_keys_256_config_f.txt"),

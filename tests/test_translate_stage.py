@@ -4,19 +4,14 @@ bad file) and the `aligned` column of an ingest output, each row translated exac
 import io
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from conftest import reference_file
+from conftest import read_parts, reference_file
 from corpus import face_corpus
 from models.cyclegan import load_cyclegan
 from ops.translate import preprocess, to_uint8_truncated
 from pipelines.cli import main
-
-
-def read_all(out):
-    return pq.read_table([str(p) for p in sorted(out.glob("part-*.parquet"))])
 
 
 def test_translate_photos_and_an_ingest_output(tmp_path):
@@ -30,7 +25,7 @@ def test_translate_photos_and_an_ingest_output(tmp_path):
     out = tmp_path / "translated"
     assert main(["translate", "--input", str(photos), "--output", str(out), "--cyclegan", ckpt,
                  "--preprocess", "none", "--batch-size", "4"]) == 0
-    table = read_all(out)
+    table = read_parts(out)
     rows = dict(zip(table.column("key").to_pylist(), range(len(table))))
     assert sorted(rows) == ["0.png", "1.png", "broken.jpg"]
     assert table.column("status").to_pylist()[rows["broken.jpg"]] == "failed"
@@ -50,7 +45,7 @@ stages:
      cyclegan: {ckpt}, load-size: 64}}
 """)
     assert main(["run", str(tmp_path / "p.yaml")]) == 0
-    faces = read_all(tmp_path / "faces_b")
+    faces = read_parts(tmp_path / "faces_b")
     assert faces.column("status").to_pylist() == ["ok"]
     assert Image.open(io.BytesIO(faces.column("translated_png")[0].as_py())).size == (64, 64)
     assert main(["translate", "--input", str(photos), "--output", str(tmp_path / "x"), "--cyclegan",
