@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-style bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,11 +19,15 @@ demo: $(STAMP)
 	$(VENV)/bin/latentray sample --output out/samples.png --n 16 --seed 0
 	$(PY) -m pipelines.demo out
 
+demo-style: $(STAMP)
+	$(PY) -m pipelines.demo_style out
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generator.py
 	$(PY) benchmarks/bench_invert.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_channels.py
+	$(PY) benchmarks/bench_destylize.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -108,8 +108,8 @@ def main() -> None:
         "## Channel population statistics (`benchmarks/bench_channels.py`)",
         "",
         f"Machine: {machine_line()}. Synthetic S vectors of width {WIDTH} (float32, Arrow fixed-shape tensors, "
-        f"{PART_ROWS} rows per part); streaming (count, mean, M2) per 512-row batch on one actor, merged on the driver; "
-        "checked against numpy (float64, materialised) at 20k rows within 1e-6.",
+        f"{PART_ROWS} rows per part); one streaming (count, mean, M2) aggregate per block, reduced inside the read "
+        "tasks and merged on the driver; checked against numpy (float64, materialised) at 20k rows within 1e-6.",
         "",
         *rows_table,
         "",

@@ -41,6 +41,25 @@ def preview_grid(columns: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return make_grid(tiles.reshape(-1, *tiles.shape[2:]), ncols=len(columns))
 
 
+def decode_png(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def png_grid(cells: dict, rows: list, cols: list) -> np.ndarray | None:
+    """PNG bytes keyed by (row, col) -> one grid image in that order; missing cells white; None if all missing."""
+    present = [cells[k] for k in cells if k[0] in rows and k[1] in cols]
+    if not present:
+        return None
+    shape = decode_png(present[0]).shape
+    tiles = np.stack([decode_png(cells[(r, c)]) if (r, c) in cells else np.full(shape, 255, np.uint8)
+                      for r in rows for c in cols])
+    return make_grid(tiles, ncols=len(cols))
+
+
 def encode_png(image: np.ndarray) -> bytes:
     import io
 

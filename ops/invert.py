@@ -87,11 +87,14 @@ def key_generator(seed: int, key: str) -> torch.Generator:
 
 
 def learning_rate(cfg: InvertConfig, step: int) -> float:
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    t = step / cfg.steps
+    return cfg.lr if cfg.lr_schedule == "constant" else projector_lr(cfg.lr, step, cfg.steps)
+
+
+def projector_lr(lr: float, step: int, steps: int) -> float:
+    """The rosinality projector's schedule: linear ramp-up over the first 5 %, cosine ramp-down over the last 25 %."""
+    t = step / steps
     ramp = min(1.0, (1.0 - t) / 0.25)
-    return cfg.lr * (0.5 - 0.5 * math.cos(math.pi * ramp)) * min(1.0, t / 0.05)
+    return lr * (0.5 - 0.5 * math.cos(math.pi * ramp)) * min(1.0, t / 0.05)
 
 
 def per_image_randn(gens: list[torch.Generator], shape: tuple, device) -> torch.Tensor:

@@ -60,6 +60,11 @@ def _align(args):
 
 
 def _summary(name: str, stats: dict, output: str) -> None:
+    if stats.get("dry_run"):
+        import json
+
+        print(json.dumps(stats, indent=1, default=str))
+        return
     print(f"{name}: {stats['by_status']} ({stats['already_done']} already done), {stats['rows_per_second']:.2f} "
           f"rows/s, errors {stats['by_error'] or 'none'}; outputs in {output}, previews in "
           f"{output.rstrip('/')}/previews")
@@ -70,7 +75,7 @@ def cmd_ingest(args) -> None:
 
     size = args.size or (_load(args.generator).size if args.generator else None)
     stats = run_invert(args.input, args.output, None, align=_align(args), batch_size=args.batch_size,
-                       limit=args.limit, overwrite=args.overwrite, size=size)
+                       limit=args.limit, overwrite=args.overwrite, size=size, dry_run=args.dry_run)
     _summary("ingest", stats, args.output)
 
 
@@ -83,7 +88,7 @@ def cmd_invert(args) -> None:
                             basecode_encoder=args.basecode_encoder or "", seed=args.seed, device=args.device,
                             optimize_noise=args.optimize_noise)
     stats = run_invert(args.input, args.output, cfg, align=_align(args), batch_size=args.batch_size,
-                       limit=args.limit, overwrite=args.overwrite, actors=args.actors)
+                       limit=args.limit, overwrite=args.overwrite, actors=args.actors, dry_run=args.dry_run)
     _summary("invert", stats, args.output)
 
 
@@ -140,6 +145,39 @@ def cmd_channels(args) -> None:
     print(f"channels: {stats}; outputs in {args.output}")
 
 
+def _required(args, *names) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if not getattr(args, n)]
+    if missing:
+        raise ValueError(f"{args.command} needs {', '.join(missing)}")
+
+
+def cmd_destylize(args) -> None:
+    from ops.align import AlignConfig
+    from ops.destylize import DestylizeConfig
+    from pipelines.style import run_destylize
+
+    _required(args, "finetuned", "encoder")
+    cfg = DestylizeConfig(steps=args.steps, id_weight=args.id_weight, truncation=args.truncation,
+                          lpips_net=args.lpips_net, lpips_backbone=args.lpips_backbone, seed=args.seed)
+    stats = run_destylize(args.input, args.output, args.finetuned, args.encoder, args.generator or "",
+                          args.identity or "", cfg, AlignConfig(mode=args.align), args.device,
+                          batch_size=args.batch_size, overwrite=args.overwrite, actors=args.actors)
+    _summary("destylize", stats, args.output)
+
+
+def cmd_stylize(args) -> None:
+    from ops.align import AlignConfig
+    from pipelines.style import run_stylize
+
+    _required(args, "dualstylegan", "encoder", "exstyles")
+    weights = [float(v) for v in args.weights.split(",")] if args.weights else None
+    stats = run_stylize(args.input, args.output, args.dualstylegan, args.encoder, args.exstyles,
+                        args.styles.split(","), weights, args.truncation, args.preserve_color,
+                        AlignConfig(mode=args.align), args.device, batch_size=args.batch_size,
+                        overwrite=args.overwrite, actors=args.actors)
+    _summary("stylize", stats, args.output)
+
+
 def cmd_translate(args) -> None:
     from pipelines.translate import run_translate
 
@@ -183,6 +221,7 @@ def io_options(p, input_help: str, batch_size: int = 8) -> None:
 def common_options(p) -> None:
     io_options(p, "directory, glob, file or s3:// URI (repeatable); for invert also an `ingest` output")
     p.add_argument("--limit", type=int, help="process only the first N inputs (the rest are rows with status skipped)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run (inputs, already done, to do) and stop")
     p.add_argument("--align", default="ffhq", choices=["ffhq", "none"],
                    help="ffhq: dlib 68-point landmarks -> FFHQ crop (default; the 68-point model is non-commercial);"
                         " none: centre square resized (out-of-range photos, BDInvert)")
@@ -191,6 +230,15 @@ def common_options(p) -> None:
     p.add_argument("--min-face-score", type=float, default=0.5, help="ignore detections scoring below (default 0.5)")
     p.add_argument("--transform-size", type=int,
                    help="FFHQ warp supersampling (default 4x the output; 4096 = FFHQ-exact, ~13x slower)")
+
+
+def style_options(p, input_help: str) -> None:
+    io_options(p, input_help, batch_size=4)
+    p.add_argument("--encoder", help="Z+ pSp encoder (DualStyleGAN's encoder.pt)")
+    p.add_argument("--align", default="ffhq", choices=["ffhq", "none"],
+                   help="ffhq: detect + FFHQ crop (no face -> failed row); none: centre crop")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize-noise", action="store_true",
                    help="optimise per-image noise maps (not stored: the stored latent alone then reproduces less)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--actors", type=int, default=1, help="invert actors (one per GPU on a cluster; default 1)")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
     p.set_defaults(func=cmd_invert)
     p = stages["edit"] = sub.add_parser("edit", help="apply latent edits to an invert output; render them",
                                         epilog=EDIT_EPILOG, formatter_class=argparse.RawTextHelpFormatter)
@@ -233,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edits", required=False, help="YAML list of edits (see below)")
     p.add_argument("--space", default="wplus", choices=["wplus", "s", "fwplus"], help="latents to edit (default wplus)")
     p.add_argument("--generator", help="checkpoint (default: the one recorded by invert; its id is checked)")
-    p.add_argument("--actors", type=int, default=1, help="render actors (default 1)")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
     p.add_argument("--cache-dir", help="where to cache per-generator S statistics")
     p.add_argument("--channel-stats", help="a `channels` output whose population std scales channel edits "
                                            "(default: 10k samples of the generator, truncated 0.7)")
@@ -251,8 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=32, help="gradient-map resolution (default 32, as StyleSpace)")
     p.add_argument("--top", type=int, default=30, help="channels in the bar chart (default 30)")
     p.add_argument("--generator", help="checkpoint (default: the one recorded by invert)")
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
     p.set_defaults(func=cmd_channels)
+    p = stages["destylize"] = sub.add_parser("destylize", help="artistic portraits -> paired realistic faces "
+                                                               "(DualStyleGAN destylization)")
+    style_options(p, "portraits (dirs, globs, s3://)")
+    p.add_argument("--finetuned", help="generator fine-tuned on the style (g'), rosinality .pt")
+    p.add_argument("--generator", help="the original generator g (default: the bundled one)")
+    p.add_argument("--identity", help="ArcFace IR-SE50 (model_ir_se50.pth); without it the ID term is off")
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
+    p.add_argument("--id-weight", type=float, default=0.1)
+    p.add_argument("--truncation", type=float, default=0.7, help="toward 0, for the realistic faces (default 0.7)")
+    p.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex"])
+    p.add_argument("--lpips-backbone", default="imagenet", choices=["imagenet", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_destylize)
+    p = stages["stylize"] = sub.add_parser("stylize", help="DualStyleGAN exemplar style transfer onto faces")
+    style_options(p, "face photos (dirs, globs, s3://)")
+    p.add_argument("--dualstylegan", help="DualStyleGAN generator.pt")
+    p.add_argument("--exstyles", help="exstyle_code.npy (or refined_exstyle_code.npy)")
+    p.add_argument("--styles", default="0", help="comma list of exemplar names or positions (default 0)")
+    p.add_argument("--weights", help="comma list, one per W+ row (default 0.75 x 7 structure, 1 x rest colour)")
+    p.add_argument("--truncation", type=float, default=0.75, help="toward 0 (default 0.75)")
+    p.add_argument("--preserve-color", action="store_true", help="keep the face's colours (rows 7- from it)")
+    p.set_defaults(func=cmd_stylize)
     p = stages["translate"] = sub.add_parser("translate", help="CycleGAN translation of photos or a stage's images")
     io_options(p, "photos (dirs, globs, s3://) or one stage output (then --column names its image column)")
     p.add_argument("--cyclegan", help="junyanz generator checkpoint, e.g. latest_net_G_A.pth (A->B)")
@@ -260,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", default="resize_and_crop", choices=["resize_and_crop", "none"],
                    help="official test pre-processing: squash to --load-size (default), or sides to multiples of 4")
     p.add_argument("--load-size", type=int, default=256, help="resize_and_crop size (default 256)")
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, else 1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_translate)
     p = sub.add_parser("run", help="run a YAML pipeline file: a list of stages with their options")

@@ -10,6 +10,7 @@ Each run writes Parquet parts, run.json, stats.json and previews (original | ali
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ def write_synthetic(folder: Path, n: int = 4) -> None:
 def report(output: Path, stats: dict) -> None:
     table = read_dataset(str(output), ["key", "status", "error_code", "wplus_psnr", "fwplus_psnr"])
     keys, status = table.column("key").to_pylist(), table.column("status").to_pylist()
+    codes = [c for c in table.column("error_code").to_pylist() if c]
     groups = sorted({k.split("/")[0] if "/" in k else "photos" for k in keys})
     for group in groups:
         rows = [i for i, k in enumerate(keys) if (k.split("/")[0] if "/" in k else "photos") == group
@@ -74,7 +76,8 @@ def report(output: Path, stats: dict) -> None:
             w = np.mean(table.column("wplus_psnr").to_numpy()[rows])
             f = np.mean(table.column("fwplus_psnr").to_numpy()[rows])
             print(f"  {output.name}/{group}: {len(rows)} ok, PSNR W+ {w:.2f} dB, F/W+ {f:.2f} dB")
-    print(f"  rows {stats['by_status']}, errors {stats['by_error'] or 'none'}; previews in {output / 'previews'}")
+    print(f"  rows {dict(Counter(status))}, errors {dict(Counter(codes)) or 'none'} ({stats['seconds']:.0f} s); "
+          f"previews in {output / 'previews'}")
 
 
 def main(out: str = "out", steps: int = 300) -> None:
@@ -90,6 +93,7 @@ def main(out: str = "out", steps: int = 300) -> None:
     for name, align in (("faces", AlignConfig(mode="ffhq")), ("synthetic", AlignConfig(mode="none"))):
         output = out_dir / name
         stats = run_invert([str(inputs / name)], str(output), cfg, align=align, batch_size=4, overwrite=True)
+        # (a rerun with the same configuration resumes: nothing left to do)
         report(output, stats)
     print("The bundled generator is a small untrained StyleGAN2 (random textures, NOT a face model): the faces run\n"
           "shows alignment and the pipeline, not face inversion quality. For real work:\n"

@@ -65,6 +65,18 @@ def ingest_align(batch: dict, size: int, align: AlignConfig) -> dict:
     return out
 
 
+def actor_pool(actors: int | None) -> dict:
+    """map_batches arguments of a model stage: one actor per GPU when the cluster has GPUs (each holding one),
+    else `actors` CPU actors (default 1) at half a CPU so decode/align tasks keep running beside them."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        return {"compute": ActorPoolStrategy(size=actors or gpus), "num_gpus": 1, "num_cpus": 1, **ACTOR_RETRIES}
+    return {"compute": ActorPoolStrategy(size=actors or 1), "num_cpus": 0.5, **ACTOR_RETRIES}
+
+
 class InvertActor:
     def __init__(self, config: InvertStageConfig):
         self.stage = InvertStage(config)
@@ -158,14 +170,14 @@ class Progress:
 
 def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig | None,
                align: AlignConfig = AlignConfig(), batch_size: int = 8, limit: int | None = None,
-               overwrite: bool = False, actors: int = 1, progress: bool = True, size: int | None = None) -> dict:
+               overwrite: bool = False, actors: int | None = None, progress: bool = True, size: int | None = None,
+               dry_run: bool = False) -> dict:
     """Run (or resume) a job; returns the stats written to `output/stats.json`.
 
     Inputs are photos (dirs, globs, files, s3://), or one `ingest` output (its aligned rows are inverted).
     `stage_config=None` runs the `ingest` stage alone: decode + align, aligned pixels stored, at `size` (default: the
     generator's resolution)."""
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     from models.checkpoints import load_generator
     from models.default_generator import DEFAULT_GENERATOR_PATH
@@ -185,15 +197,13 @@ def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig |
               "upstream": upstream["fingerprint"] if upstream else None,
               "generator_id": G.generator_id if stage_config else None}
     fp = fingerprint(config)
-    previous = io.read_json(output, "run.json")
-    if previous and previous.get("fingerprint") != fp and not overwrite:
-        raise ValueError(f"{output} holds a run with another configuration (fingerprint {previous.get('fingerprint')}"
-                         f" != {fp}); pass --overwrite to start over")
-    if previous and overwrite:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(output)
-        fs.rm(root, recursive=True)
+    resumable = io.prepare_output(output, fp, overwrite, dry_run)
+    if dry_run:  # what would run; nothing written, nothing repaired
+        done = io.completed_keys(output, repair=False) if resumable else set()
+        keys = [k for k, _ in list_inputs(inputs)] if upstream is None else \
+            io.read_dataset(inputs[0], ["key"]).column("key").to_pylist()
+        return {"dry_run": True, "stage": stage, "fingerprint": fp, "config": config, "inputs": len(keys),
+                "already_done": len(done & set(keys)), "to_do": len(set(keys) - done)}
     done = io.completed_keys(output)
     metadata = {"stage": stage, "fingerprint": fp}
     if stage_config is not None:
@@ -225,7 +235,7 @@ def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig |
     if ds is not None:
         if stage_config is not None:
             ds = ds.map_batches(InvertActor, fn_constructor_kwargs={"config": stage_config}, batch_size=batch_size,
-                                compute=ActorPoolStrategy(size=actors), num_cpus=0.5, **ACTOR_RETRIES)
+                                **actor_pool(actors))
         spaces = stage_config.spaces if stage_config else ()
         ds = ds.map_batches(write_parts, fn_kwargs={"output": output, "metadata": metadata, "spaces": spaces,
                                                     "keep_aligned": stage_config is None},

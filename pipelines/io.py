@@ -62,9 +62,24 @@ def write_part(table: pa.Table, out_dir: str) -> str:
     return final
 
 
-def completed_keys(out_dir: str, column: str = "key") -> set[str]:
+def prepare_output(out_dir: str, fp: str, overwrite: bool, dry_run: bool = False) -> bool:
+    """Refuse to mix configurations in one output; with `overwrite` a different one is discarded (unless this is a
+    dry run). Returns whether the output holds the same configuration (so it can be resumed)."""
+    previous = read_json(out_dir, "run.json")
+    if previous is None or previous.get("fingerprint") == fp:
+        return True
+    if not overwrite:
+        raise ValueError(f"{out_dir} holds a run with another configuration (fingerprint "
+                         f"{previous.get('fingerprint')} != {fp}); pass --overwrite to start over")
+    if not dry_run:
+        fs, root = fsspec.core.url_to_fs(out_dir)
+        fs.rm(root, recursive=True)
+    return False
+
+
+def completed_keys(out_dir: str, column: str = "key", repair: bool = True) -> set[str]:
     """Keys already stored (or another key column's values); unreadable parts (a killed writer) and stray temp files
-    are deleted to be redone."""
+    are deleted to be redone (`repair=False`: only skipped, for dry runs)."""
     fs, root = fsspec.core.url_to_fs(out_dir)
     if not fs.exists(root):
         return set()
@@ -72,13 +87,15 @@ def completed_keys(out_dir: str, column: str = "key") -> set[str]:
     for path in fs.ls(root, detail=False):
         base = posixpath.basename(path)
         if base.startswith(".tmp-part-"):
-            fs.rm(path)
+            if repair:
+                fs.rm(path)
         elif base.startswith("part-") and base.endswith(".parquet"):
             try:
                 with fs.open(path, "rb") as f:
                     done.update(pq.read_table(f, columns=[column]).column(column).to_pylist())
             except Exception:
-                fs.rm(path)
+                if repair:
+                    fs.rm(path)
     return done
 
 

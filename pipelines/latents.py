@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from ops.edit import APPLICABLE, Edit
 from pipelines import io
-from pipelines.invert import ACTOR_RETRIES, TASK_RETRIES, Progress, fingerprint, init_ray, versions
+from pipelines.invert import TASK_RETRIES, actor_pool, Progress, fingerprint, init_ray, versions
 
 SPACE_COLUMNS = {"wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
 
@@ -103,7 +103,8 @@ class EditActor:
                     row = {"key": f"{key}|{edit.label}|{strength:g}", "source_key": key, "edit": edit.label,
                            "kind": edit.kind, "strength": float(strength)}
                     if batch["status"][i] != "ok":
-                        row.update(status="skipped", error_code="source_not_ok", error=f"source row {batch['status'][i]}")
+                        row.update(status="skipped", error_code="source_not_ok",
+                                   error=f"source row {batch['status'][i]}")
                     elif not good:
                         row.update(status="skipped" if "do not apply" in error else "failed",
                                    error_code="not_applicable" if "do not apply" in error else "edit_error",
@@ -147,30 +148,23 @@ def write_rows(batch: dict, output: str, metadata: dict) -> dict:
 
 def edit_previews(output: str, edits: list[Edit], n_sources: int = 4) -> None:
     """One grid per edit: rows = the first source images, columns = strengths."""
-    from PIL import Image
-    import io as _io
-
-    from ops.images import make_grid
+    from ops.images import png_grid
 
     table = io.read_dataset(output, ["source_key", "edit", "strength", "status", "image_png"])
     cells = {(s, e, st): png for s, e, st, status, png in zip(*(table.column(c).to_pylist() for c in (
         "source_key", "edit", "strength", "status", "image_png"))) if status == "ok"}
     sources = sorted({s for s, _, _ in cells})[:n_sources]
     for edit in edits:
-        tiles = [cells.get((s, edit.label, float(st))) for s in sources for st in edit.strengths]
-        if not any(tiles):
-            continue
-        size = next(np.asarray(Image.open(_io.BytesIO(t))).shape for t in tiles if t)
-        images = np.stack([np.asarray(Image.open(_io.BytesIO(t))) if t else np.full(size, 255, np.uint8)
-                           for t in tiles])
-        io.write_png(output, f"previews/edit-{edit.label}.png", make_grid(images, ncols=len(edit.strengths)))
+        grid = png_grid({(s, st): png for (s, e, st), png in cells.items() if e == edit.label}, sources,
+                        [float(st) for st in edit.strengths])
+        if grid is not None:
+            io.write_png(output, f"previews/edit-{edit.label}.png", grid)
 
 
 def run_edit(input: str, output: str, edits: list[Edit], space: str = "wplus", generator: str = "",
-             batch_size: int = 8, overwrite: bool = False, actors: int = 1, cache_dir: str | None = None,
+             batch_size: int = 8, overwrite: bool = False, actors: int | None = None, cache_dir: str | None = None,
              channel_stats: str | None = None, progress: bool = True) -> dict:
     """Apply `edits` to every ok row of a latent dataset, render them, store edited latents + PNGs + previews."""
-    from ray.data import ActorPoolStrategy
 
     t0 = time.time()
     if space not in SPACE_COLUMNS:
@@ -196,7 +190,7 @@ def run_edit(input: str, output: str, edits: list[Edit], space: str = "wplus", g
               "channel_stats": channel_stats,
               "upstream": run["fingerprint"], "generator_id": G.generator_id}
     fp = fingerprint(config)
-    prepare_output(output, fp, overwrite)
+    io.prepare_output(output, fp, overwrite)
     done = io.completed_keys(output, column="source_key")
     io.write_json(output, "run.json", {"stage": "edit", "fingerprint": fp, "config": config, "inputs": [input],
                                        "started": t0, "versions": versions(),
@@ -209,8 +203,7 @@ def run_edit(input: str, output: str, edits: list[Edit], space: str = "wplus", g
         ds = ds.filter(lambda row: row["key"] not in done) if done else ds
         ds = ds.map_batches(EditActor, fn_constructor_kwargs=dict(
             generator=gen_path, space=space, edits=edits, refs=refs, directions=directions, base_level=base_level,
-            cache_dir=cache_dir, channel_stats=channel_stats), batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=0.5,
-            **ACTOR_RETRIES)
+            cache_dir=cache_dir, channel_stats=channel_stats), batch_size=batch_size, **actor_pool(actors))
         ds = ds.map_batches(write_rows, fn_kwargs={"output": output, "metadata": {"stage": "edit", "fingerprint": fp}},
                             batch_size=None, num_cpus=1, **TASK_RETRIES)
         bar = Progress("edit", len(keys) * sum(len(e.strengths) for e in edits), progress)
@@ -222,18 +215,6 @@ def run_edit(input: str, output: str, edits: list[Edit], space: str = "wplus", g
              "seconds": round(time.time() - t0, 3)}
     io.write_json(output, "stats.json", stats)
     return stats
-
-
-def prepare_output(output: str, fp: str, overwrite: bool) -> None:
-    """Refuse to mix configurations in one output; --overwrite starts over."""
-    previous = io.read_json(output, "run.json")
-    if previous and previous.get("fingerprint") != fp:
-        if not overwrite:
-            raise ValueError(f"{output} holds a run with another configuration; pass --overwrite to start over")
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(output)
-        fs.rm(root, recursive=True)
 
 
 # ----- channels -----------------------------------------------------------------------------------------------------
@@ -296,11 +277,10 @@ class LocalScores(GeneratorActor):
         return {"key": batch["key"], "scores": scores.astype(np.float32)}
 
 
-def population_stats(input: str, column: str, generator: str = "", batch_size: int = 64, actors: int = 1):
+def population_stats(input: str, column: str, generator: str = "", batch_size: int = 64, actors: int | None = None):
     """One streaming pass: a (count, mean, M2) aggregate per block, merged on the driver as they arrive, so memory
     stays O(channels) however many rows there are. Stored S is reduced inside the read tasks (fused, nothing big
     crosses the object store); W+ needs the generator, on the actor pool."""
-    from ray.data import ActorPoolStrategy
 
     from ops.channels import RunningStats
 
@@ -309,8 +289,7 @@ def population_stats(input: str, column: str, generator: str = "", batch_size: i
         partials = source.map_batches(partial_stats, fn_kwargs={"column": column}, batch_size=None, **TASK_RETRIES)
     else:
         partials = source.map_batches(PartialStats, fn_constructor_kwargs={"generator": generator, "column": column},
-                                      batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=0.5,
-                                      **ACTOR_RETRIES)
+                                      batch_size=batch_size, **actor_pool(actors))
     population = None
     for part in partials.iter_rows():
         part_stats = RunningStats.from_state({"count": part["count"], "mean": part["mean"], "m2": part["m2"]})
@@ -338,10 +317,9 @@ def filter_keys(input: str, expression: str) -> list[str]:
 
 def run_channels(input: str, output: str, exemplars: list[str] | None = None, exemplar_column: str | None = None,
                  local_sample: int = 0, generator: str = "", batch_size: int = 64, grid: int = 32, top: int = 30,
-                 overwrite: bool = False, actors: int = 1, exemplar_filter: str | None = None,
+                 overwrite: bool = False, actors: int | None = None, exemplar_filter: str | None = None,
                  mask_column: str | None = None, mask_labels: int = 0) -> dict:
     """Population statistics of S, attribute-specific channels for an exemplar set, locally-active channels."""
-    from ray.data import ActorPoolStrategy
 
     from ops.channels import (REGIONS, attribute_scores, channel_names, channel_table, conv_channels,
                               region_frequency, select_local_channels)
@@ -360,7 +338,7 @@ def run_channels(input: str, output: str, exemplars: list[str] | None = None, ex
               "exemplar_filter": exemplar_filter, "mask_column": mask_column, "mask_labels": mask_labels,
               "local_sample": local_sample, "grid": grid, "upstream": run["fingerprint"]}
     fp = fingerprint(config)
-    prepare_output(output, fp, overwrite)
+    io.prepare_output(output, fp, overwrite)
     io.write_json(output, "run.json", {"stage": "channels", "fingerprint": fp, "config": config, "inputs": [input],
                                        "started": t0, "versions": versions(),
                                        "checkpoints_sha256": {"generator": G.generator_id}})
@@ -405,7 +383,7 @@ def run_channels(input: str, output: str, exemplars: list[str] | None = None, ex
         ds = ds.map_batches(LocalScores, fn_constructor_kwargs={"generator": gen_path, "column": column,
                                                                 "grid": grid, "mask_column": mask_column,
                                                                 "n_labels": mask_labels},
-                            batch_size=4, compute=ActorPoolStrategy(size=actors), num_cpus=0.5, **ACTOR_RETRIES)
+                            batch_size=4, **actor_pool(actors))
         scores = np.stack([row["scores"] for row in ds.iter_rows()])
         freq = region_frequency(scores)
         index = conv_channels(G.style_layers)

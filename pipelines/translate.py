@@ -4,22 +4,21 @@ models/cyclegan.py, the conventions in ops/translate.py."""
 
 from __future__ import annotations
 
-import io as _io
 import time
 
 import numpy as np
 
 from pipelines import io
-from pipelines.invert import ACTOR_RETRIES, TASK_RETRIES, MAX_PREVIEWS, Progress, fingerprint, init_ray, versions
-from pipelines.latents import prepare_output, read_columns
+from pipelines.invert import TASK_RETRIES, actor_pool, MAX_PREVIEWS, Progress, fingerprint, init_ray, versions
+from pipelines.latents import read_columns
 
 
 def decode_cell(value) -> np.ndarray:
     """An image cell: PNG/JPEG bytes or a uint8 [H, W, 3] array."""
     if isinstance(value, (bytes, bytearray)):
-        from PIL import Image
+        from ops.images import decode_png
 
-        return np.asarray(Image.open(_io.BytesIO(value)).convert("RGB"))
+        return decode_png(value)
     return np.asarray(value, dtype=np.uint8)
 
 
@@ -96,14 +95,13 @@ def write_translated(batch: dict, output: str, metadata: dict) -> dict:
     return {"key": batch["key"], "status": batch["status"]}
 
 
-def run_translate(inputs: list[str], output: str, checkpoint: str, column: str = "", preprocess: str = "resize_and_crop",
-                  load_size: int = 256, batch_size: int = 8, overwrite: bool = False, actors: int = 1,
+def run_translate(inputs: list[str], output: str, checkpoint: str, column: str = "",
+                  preprocess: str = "resize_and_crop", load_size: int = 256, batch_size: int = 8, overwrite: bool = False, actors: int | None = None,
                   device: str = "auto", progress: bool = True) -> dict:
     """Translate every input (photos, or `column` of one stage output) with a CycleGAN generator."""
     import hashlib
 
     import ray.data
-    from ray.data import ActorPoolStrategy
 
     from models.checkpoints import read_bytes
     from models.cyclegan import load_cyclegan
@@ -122,10 +120,11 @@ def run_translate(inputs: list[str], output: str, checkpoint: str, column: str =
     config = {"stage_name": "translate", "cyclegan": digest, "generator": G.config, "column": column,
               "preprocess": preprocess, "load_size": load_size, "upstream": upstream and upstream["fingerprint"]}
     fp = fingerprint(config)
-    prepare_output(output, fp, overwrite)
+    io.prepare_output(output, fp, overwrite)
     done = io.completed_keys(output)
     io.write_json(output, "run.json", {"stage": "translate", "fingerprint": fp, "config": config, "inputs": inputs,
-                                       "started": t0, "versions": versions(), "checkpoints_sha256": {"cyclegan": digest}})
+                                       "started": t0, "versions": versions(),
+                                       "checkpoints_sha256": {"cyclegan": digest}})
     init_ray()
     if upstream:
         ds = read_columns(inputs[0], ["key", "status", column])
@@ -144,8 +143,7 @@ def run_translate(inputs: list[str], output: str, checkpoint: str, column: str =
     if ds is not None and total:
         ds = ds.map_batches(TranslateActor, fn_constructor_kwargs=dict(checkpoint=checkpoint, preprocess=preprocess,
                                                                        load_size=load_size, device=device),
-                            batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=0.5,
-                            **ACTOR_RETRIES)
+                            batch_size=batch_size, **actor_pool(actors))
         ds = ds.map_batches(write_translated, fn_kwargs={"output": output, "metadata": {"stage": "translate",
                                                                                      "fingerprint": fp}},
                             batch_size=None, num_cpus=1, **TASK_RETRIES)

@@ -27,6 +27,20 @@ def test_cli_reports_option_errors_without_a_traceback(tmp_path, capsys):
     assert main(["invert", "--input", "a", "--output", "b", "--set", "nope=1"]) == 2
     assert "unknown option 'nope'" in capsys.readouterr().err
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text("stages:\n  - stage: translate\n    input: a\n    output: b\n")
+    pipeline.write_text("stages:\n  - stage: paint\n    input: a\n    output: b\n")
     assert main(["run", str(pipeline)]) == 2
     assert "stage 0: `stage` must be one of" in capsys.readouterr().err
+
+
+def test_model_stages_take_one_actor_per_gpu_when_the_cluster_has_gpus(monkeypatch):
+    import ray
+
+    from pipelines.invert import RETRIES, actor_pool
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    pool = actor_pool(None)
+    assert (pool["compute"].min_size, pool["num_gpus"], pool["max_restarts"]) == (2, 1, RETRIES)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    pool = actor_pool(None)
+    assert pool["compute"].min_size == 1 and "num_gpus" not in pool and pool["num_cpus"] == 0.5
+    assert actor_pool(3)["compute"].max_size == 3

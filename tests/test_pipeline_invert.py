@@ -31,7 +31,7 @@ def photo_dir(tmp_path_factory):
     return root
 
 
-def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
+def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path, capsys):
     out = tmp_path / "latents"
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS]) == 0
     table = read_parts(out)
@@ -72,6 +72,13 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path):
     np.testing.assert_array_equal(exported["w"], wplus[ok])
     assert main(["export", "--input", str(out), "--output", str(tmp_path / "w.pt")]) == 0
     assert set(torch.load(tmp_path / "w.pt", weights_only=True)) == set(exported["keys"])
+    # a dry run says so without touching anything; a fresh output would process every input
+    capsys.readouterr()
+    assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS, "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["inputs"], plan["already_done"], plan["to_do"]) == (len(keys), len(keys), 0)
+    assert main(["invert", "--input", str(photo_dir), "--output", str(tmp_path / "fresh"), *ARGS, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["to_do"] == len(keys) and not (tmp_path / "fresh").exists()
     # rerun: nothing left to do
     assert main(["invert", "--input", str(photo_dir), "--output", str(out), *ARGS]) == 0
     assert sorted(read_parts(out).column("key").to_pylist()) == sorted(keys)

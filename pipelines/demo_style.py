@@ -1,0 +1,43 @@
+"""`make demo-style`: the style stages on the bundled generator and its seeded companion models (untrained: this
+shows the pipeline, not style quality) and the public-domain face photos of `make demo`:
+destylize (portraits -> paired faces), stylize (faces x 3 exemplars), translate (CycleGAN on the aligned faces)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from models.companions import write_all
+from ops.align import AlignConfig
+from ops.destylize import DestylizeConfig
+from pipelines.demo import write_face_photos
+from pipelines.style import run_destylize, run_stylize
+from pipelines.translate import run_translate
+
+
+def main(out: str = "out", steps: int = 100) -> None:
+    root = Path(out)
+    photos = root / "demo_inputs" / "faces"
+    write_face_photos(photos)
+    models = write_all(str(root / "companions"))
+    print("LPIPS: using a RANDOM AlexNet backbone (no ImageNet weights offline); companions are untrained.")
+    cfg = DestylizeConfig(steps=steps, lpips_net="alex", lpips_backbone="random")
+    ffhq = AlignConfig(mode="ffhq")  # the photo without a face becomes a failed row
+    runs = {
+        "destylized": lambda o: run_destylize([str(photos)], o, models["finetuned"], models["encoder"],
+                                              identity=models["identity"], config=cfg, align=ffhq, overwrite=True),
+        "stylized": lambda o: run_stylize([str(photos)], o, models["dualstylegan"], models["encoder"],
+                                          models["exstyles"], [0, 1, 2], align=ffhq, overwrite=True),
+        "translated": lambda o: run_translate([str(photos)], o, models["cyclegan"], overwrite=True),
+    }
+    for name, run in runs.items():
+        output = root / name
+        stats = run(str(output))
+        print(f"  {name}: rows {stats['by_status']}, errors {stats.get('by_error') or 'none'} "
+              f"({stats['seconds']:.0f} s); previews in {output / 'previews'}")
+    print("For real work pass the official checkpoints: --finetuned/--encoder/--identity (destylize), "
+          "--dualstylegan/--exstyles (stylize), --cyclegan (translate).")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:2])
