@@ -83,7 +83,8 @@ class DualStyleGAN(nn.Module):
                 fuse_index=18, interp_weights=None, inject_index=None, generator: torch.Generator | None = None):
         """The official call: `styles` a one-element list holding z [B, D], Z+ [B, L, D] (z_plus_latent) or W+
         (input_is_latent); `exstyles` the extrinsic W+ [B, L, D] (or [B, D]). Returns (image, latent or None).
-        randomize_noise=True draws noise from `generator` (an explicit torch.Generator, never the global RNG)."""
+        randomize_noise=True (the official default) draws fresh noise from `generator`, or from torch's global RNG
+        when none is given, as the official module does; the stages always pass randomize_noise=False."""
         G = self.generator
         code = styles[0]
         if len(styles) != 1 or inject_index is not None:
@@ -98,8 +99,12 @@ class DualStyleGAN(nn.Module):
         if use_res:
             ext = exstyles if exstyles.ndim == 3 else exstyles[:, None].expand(-1, self.n_latent, -1)
             structure = self.style(ext.reshape(-1, ext.shape[-1])).reshape(ext.shape)
-        noises = noise if noise is not None else G.make_noise(latent.shape[0], "random" if randomize_noise else
-                                                              "const", generator)
+        if noise is not None:
+            noises = noise
+        elif randomize_noise:
+            noises = G.make_noise(latent.shape[0], "random", generator or torch.default_generator)
+        else:
+            noises = G.make_noise(latent.shape[0], "const")
 
         def extrinsic(j: int) -> bool:  # index 0 needs fuse_index > 0, the rest fuse_index >= j
             return use_res and (fuse_index > 0 if j == 0 else fuse_index >= j)

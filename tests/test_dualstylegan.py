@@ -60,6 +60,18 @@ def test_other_official_call_modes(g, cases):
     assert (mapped - ex).abs().max() <= 1e-5
 
 
+def test_random_noise_is_the_official_default_and_seedable(g, cases):
+    z, ex = cases["instyle_zplus"], cases["exstyle_wplus"]
+    with torch.no_grad():
+        a = g([z], ex, z_plus_latent=True, truncation=0.75, truncation_latent=0)[0]
+        b = g([z], ex, z_plus_latent=True, truncation=0.75, truncation_latent=0)[0]
+        c = g([z], ex, z_plus_latent=True, truncation=0.75, truncation_latent=0,
+              generator=torch.Generator().manual_seed(7))[0]
+        d = g([z], ex, z_plus_latent=True, truncation=0.75, truncation_latent=0,
+              generator=torch.Generator().manual_seed(7))[0]
+    assert not torch.equal(a, b) and torch.equal(c, d)
+
+
 def test_all_zero_weights_are_the_intrinsic_generator(g, cases):
     zero = [0.0] * g.n_latent
     out = run(g, cases["instyle_zplus"], cases["exstyle_wplus"], interp_weights=zero)
