@@ -43,6 +43,8 @@ class DestylizeActor:
         self.config = config
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         from ops.destylize import destylize
         from ops.images import encode_png, to_uint8
 
@@ -53,10 +55,19 @@ class DestylizeActor:
         pngs = {c: objects([b""] * n) for c in ("portrait_png", "intermediate_png", "face_png")}
         previews = {c: np.zeros((n, g.size, g.size, 3), np.uint8) for c in ("recon_intermediate", "recon_face")}
         rows = np.flatnonzero(out["status"] == "ok")
+        result = None
         if rows.size:
-            images = images_of(out, rows).to(self.device)
-            result = destylize(g, self.g_ft, self.encoder, images, [str(k) for k in out["key"][rows]], self.config,
-                               self.identity)
+            try:
+                images = images_of(out, rows).to(self.device)
+                result = destylize(g, self.g_ft, self.encoder, images, [str(k) for k in out["key"][rows]],
+                                   self.config, self.identity)
+                if not all(torch.isfinite(result[c]).all() for c in codes):
+                    raise FloatingPointError("non-finite codes")
+            except Exception as exc:  # a batch that cannot be destylized fails its rows, never the job
+                out["status"][rows], out["error_code"][rows] = "failed", "destylize_error"
+                out["error"][rows] = f"{type(exc).__name__}: {exc}"
+                result = None
+        if result is not None:
             for c in codes:
                 codes[c][rows] = result[c].cpu().numpy()
             metrics["lpips"][rows] = result["lpips"].cpu().numpy()
@@ -91,16 +102,40 @@ class StylizeActor:
         self.weights, self.truncation, self.preserve_color = weights, truncation, preserve_color
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from models.stylegan2 import per_sample
-        from ops.images import encode_png, to_uint8
+        from ops.images import encode_png
 
         G = self.model.generator
         rows_out = []
         ok = np.flatnonzero(batch["status"] == "ok")
         position = {int(i): p for p, i in enumerate(ok)}
-        images = {}
+        images, failure = {}, ""
+        try:
+            self._render(batch, ok, images)
+        except Exception as exc:  # a batch that cannot be rendered fails its rows, never the job
+            failure = f"{type(exc).__name__}: {exc}"
+        for i, key in enumerate(batch["key"]):
+            for name in self.styles:
+                good = i in position and not failure
+                status, code, error = ("ok", "", "") if good else \
+                    ("failed", "stylize_error", failure) if i in position else \
+                    ("skipped", "source_not_ok", f"source row {batch['status'][i]}: {batch['error'][i]}")
+                rows_out.append({"key": f"{key}|{name}", "source_key": key, "style": name, "status": status,
+                                 "error_code": code, "error": error,
+                                 "image_png": encode_png(images[name][position[i]]) if good else b"",
+                                 "original": resize_to(batch["image"][i], G.size),
+                                 "recon_stylized": images[name][position[i]] if good else
+                                 np.zeros((G.size, G.size, 3), np.uint8)})
+        return {k: objects([r[k] for r in rows_out]) if isinstance(rows_out[0][k], (str, bytes)) else
+                np.stack([r[k] for r in rows_out]) for k in rows_out[0]}
+
+    def _render(self, batch: dict, ok: np.ndarray, images: dict) -> None:
+        """Stylized uint8 images of the ok rows, one array per exemplar name."""
+        import torch
+
+        from models.stylegan2 import per_sample
+        from ops.images import to_uint8
+
+        G = self.model.generator
         if ok.size:
             with torch.no_grad():
                 content = per_sample(self.encoder, images_of(batch, ok).to(self.device))  # Z+
@@ -113,19 +148,6 @@ class StylizeActor:
                                         truncation_latent=0, use_res=True, randomize_noise=False,
                                         interp_weights=self.weights)
                     images[name] = to_uint8(out.clamp(-1, 1))
-        for i, key in enumerate(batch["key"]):
-            for name in self.styles:
-                good = i in position
-                rows_out.append({"key": f"{key}|{name}", "source_key": key, "style": name,
-                                 "status": "ok" if good else "skipped",
-                                 "error_code": "" if good else "source_not_ok",
-                                 "error": "" if good else f"source row {batch['status'][i]}: {batch['error'][i]}",
-                                 "image_png": encode_png(images[name][position[i]]) if good else b"",
-                                 "original": resize_to(batch["image"][i], G.size),
-                                 "recon_stylized": images[name][position[i]] if good else
-                                 np.zeros((G.size, G.size, 3), np.uint8)})
-        return {k: objects([r[k] for r in rows_out]) if isinstance(rows_out[0][k], (str, bytes)) else
-                np.stack([r[k] for r in rows_out]) for k in rows_out[0]}
 
 
 def resolve_styles(codes: dict, style_ids: list) -> dict:

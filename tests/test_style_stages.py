@@ -81,3 +81,20 @@ def test_stylized_faces_by_style(run):
     assert np.abs(got.astype(float) - want).max() <= 1
     grid = np.asarray(Image.open(root / "styled" / "previews" / "styles.png"))
     assert grid.shape[1] > grid.shape[0]  # one face row, two style columns
+
+
+def test_a_batch_that_cannot_be_destylized_fails_its_rows_not_the_job(run):
+    from ops.destylize import DestylizeConfig
+    from pipelines.style import DestylizeActor
+
+    root, models = run
+    from models.default_generator import DEFAULT_GENERATOR_PATH
+
+    actor = DestylizeActor(str(DEFAULT_GENERATOR_PATH), models["finetuned"], models["encoder"], "", DestylizeConfig(steps=1, lr=float("nan"),
+                           lpips_net="alex", lpips_backbone="random"), "cpu")
+    image = np.zeros((1, 256, 256, 3), np.uint8)
+    batch = {"key": np.array(["k"], dtype=object), "status": np.array(["ok"], dtype=object),
+             "error_code": np.array([""], dtype=object), "error": np.array([""], dtype=object), "image": image}
+    out = actor(batch)
+    assert (out["status"][0], out["error_code"][0]) == ("failed", "destylize_error")
+    assert np.isnan(out["z_i"][0]).all() and out["face_png"][0] == b""
