@@ -44,6 +44,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path_or_uri: str) -> str:
+    """sha256 of a checkpoint file (run.json provenance)."""
+    return sha256_hex(read_bytes(path_or_uri))
+
+
 # ----- rosinality and our own format (zip files written by torch.save) -------------------------------------------
 def _torch_load_safe(data: bytes, name: str):
     try:

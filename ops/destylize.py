@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from models.perceptual import box_downsample
 from models.stylegan2 import per_sample
-from ops.invert import key_generator, projector_lr, shared_perceptual
+from ops.invert import key_generator, per_image_randn, projector_lr, shared_perceptual
 from ops.regularizers import noise_regularizer, normalize_noise_
 
 
@@ -54,8 +54,7 @@ def compare_size(G, portraits: torch.Tensor) -> tuple[int, torch.Tensor]:
 
 def initial_noise(G, keys: list[str], seed: int, device) -> list[torch.Tensor]:
     gens = [key_generator(seed, f"destylize-noise:{k}") for k in keys]
-    return [torch.stack([torch.randn(b.shape[1:], generator=g) for g in gens]).to(device)
-            for b in G.make_noise(1)]
+    return [per_image_randn(gens, b.shape[1:], device) for b in G.make_noise(1)]
 
 
 def destylize(g, g_ft, encoder, portraits: torch.Tensor, keys: list[str], config: DestylizeConfig = DestylizeConfig(),

@@ -17,7 +17,7 @@ import numpy as np
 
 from ops.align import AlignConfig, check_backend
 from ops.images import preview_grid
-from ops.ingest import ingest_row, list_inputs, read_bytes
+from ops.ingest import ingest_row, list_inputs
 from ops.invert_stage import InvertStage, InvertStageConfig
 from pipelines import io
 
@@ -56,6 +56,14 @@ def init_ray() -> None:
     ctx.print_on_execution_start = False
 
 
+def read_stage(path: str, columns: list[str] | None = None):
+    """A stage output's parts as a Ray dataset (only `columns` when given)."""
+    import ray.data
+
+    ds = ray.data.read_parquet(io.part_paths(path), filesystem=io.arrow_filesystem(path))
+    return ds.select_columns(columns) if columns else ds
+
+
 def ingest_align(batch: dict, size: int, align: AlignConfig) -> dict:
     """CPU stage: one ingest row per input (ops.ingest.ingest_row), stacked into columns."""
     rows = [ingest_row(k, u, size, bool(skip), align=align)
@@ -86,15 +94,44 @@ class InvertActor:
         return self.stage.process(batch)
 
 
-def write_parts(batch: dict, output: str, metadata: dict, spaces: tuple[str, ...], keep_aligned: bool) -> dict:
-    """Final task: one atomic part per batch (+ a preview grid for the first parts of a run)."""
-    table_columns = {**batch, "aligned": batch["image"]} if keep_aligned else batch
-    path = io.write_part(io.to_table(table_columns, metadata), output)
-    rows = np.flatnonzero(batch["status"] == "ok")[:4]
-    if rows.size and io.count_previews(output) < MAX_PREVIEWS:
-        columns = [batch["original"], batch["image"], *(batch[f"recon_{s}"] for s in spaces)]
-        io.write_png(output, f"previews/{io.stem(path)}.png", preview_grid(columns, rows))
+def write_batch(batch: dict, output: str, metadata: dict, preview_columns: tuple[str, ...] = (),
+                preview_rows: int = 4) -> dict:
+    """Final task of every stage: one atomic part per batch, plus a preview grid (ok rows x `preview_columns`)
+    for the first parts of a run. Returns what the driver counts."""
+    path = io.write_part(io.to_table(batch, metadata), output)
+    rows = np.flatnonzero(batch["status"] == "ok")[:preview_rows]
+    if preview_columns and rows.size and io.count_previews(output) < MAX_PREVIEWS:
+        io.write_png(output, f"previews/{io.stem(path)}.png", preview_grid([batch[c] for c in preview_columns], rows))
     return {"key": batch["key"], "status": batch["status"], "error_code": batch["error_code"]}
+
+
+def write_parts(batch: dict, output: str, metadata: dict, spaces: tuple[str, ...], keep_aligned: bool) -> dict:
+    """ingest keeps the aligned pixels; invert previews original | aligned | reconstruction per space."""
+    batch = {**batch, "aligned": batch["image"]} if keep_aligned else batch
+    return write_batch(batch, output, metadata, ("original", "image", *(f"recon_{s}" for s in spaces)))
+
+
+def drain(ds, stage: str, total: int, progress: bool = True) -> tuple[Counter, Counter]:
+    """Run a stage's dataset to the end on the driver: rows by status and by error code, with the progress line."""
+    by_status, by_error = Counter(), Counter()
+    if ds is not None and total:
+        bar = Progress(stage, total, progress)
+        for row in ds.iter_rows():
+            by_status[row["status"]] += 1
+            if row["error_code"]:
+                by_error[row["error_code"]] += 1
+            bar.update()
+    return by_status, by_error
+
+
+def finish(output: str, t0: float, by_status: Counter, by_error: Counter, already_done: int) -> dict:
+    """stats.json of a run (and its return value)."""
+    seconds = time.time() - t0
+    n = sum(by_status.values())
+    stats = {"rows_processed": n, "already_done": already_done, "by_status": dict(by_status),
+             "by_error": dict(by_error), "seconds": round(seconds, 3), "rows_per_second": round(n / max(seconds, 1e-9), 4)}
+    io.write_json(output, "stats.json", stats)
+    return stats
 
 
 def from_ingested(batch: dict, done: set[str], allowed: set[str] | None) -> dict:
@@ -137,13 +174,14 @@ def versions() -> dict:
 def checkpoint_digests(stage_config: InvertStageConfig | None, align: AlignConfig, generator_id: str | None,
                        aligns: bool) -> dict:
     """sha256 of every model file the run used (the generator id is already its checkpoint's sha256)."""
+    from models.checkpoints import file_sha256
     from ops.align import LANDMARKS_68, face_models_dir
 
     digests = {"generator": generator_id} if generator_id else {}
     if stage_config is not None and stage_config.basecode_encoder:
-        digests["basecode_encoder"] = hashlib.sha256(read_bytes(stage_config.basecode_encoder)).hexdigest()
+        digests["basecode_encoder"] = file_sha256(stage_config.basecode_encoder)
     if aligns and align.mode == "ffhq":
-        digests["landmarks"] = hashlib.sha256((face_models_dir() / LANDMARKS_68).read_bytes()).hexdigest()
+        digests["landmarks"] = file_sha256(str(face_models_dir() / LANDMARKS_68))
     return digests
 
 
@@ -227,11 +265,9 @@ def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig |
         keys = sorted(io.read_dataset(inputs[0], ["key"]).column("key").to_pylist())
         allowed = set(keys[:limit]) if limit is not None else None
         todo = [k for k in keys if k not in done]
-        ds = ray.data.read_parquet(io.part_paths(inputs[0]), filesystem=io.arrow_filesystem(inputs[0])) \
-            if todo else None
+        ds = read_stage(inputs[0]) if todo else None
         if ds is not None:
             ds = ds.map_batches(from_ingested, fn_kwargs={"done": done, "allowed": allowed}, batch_size=batch_size)
-    statuses = Counter()
     if ds is not None:
         if stage_config is not None:
             ds = ds.map_batches(InvertActor, fn_constructor_kwargs={"config": stage_config}, batch_size=batch_size,
@@ -240,18 +276,4 @@ def run_invert(inputs: list[str], output: str, stage_config: InvertStageConfig |
         ds = ds.map_batches(write_parts, fn_kwargs={"output": output, "metadata": metadata, "spaces": spaces,
                                                     "keep_aligned": stage_config is None},
                             batch_size=None, num_cpus=1, **TASK_RETRIES)
-        bar = Progress(stage, len(todo), progress)
-        for row in ds.iter_rows():
-            statuses[(row["status"], row["error_code"])] += 1
-            bar.update()
-    by_status, by_error = Counter(), Counter()
-    for (status, code), count in statuses.items():
-        by_status[status] += count
-        if code:
-            by_error[code] += count
-    seconds = time.time() - t0
-    stats = {"rows_processed": sum(statuses.values()), "already_done": len(done), "by_status": dict(by_status),
-             "by_error": dict(by_error), "seconds": round(seconds, 3),
-             "rows_per_second": round(sum(statuses.values()) / max(seconds, 1e-9), 4)}
-    io.write_json(output, "stats.json", stats)
-    return stats
+    return finish(output, t0, *drain(ds, stage, len(todo), progress), len(done))

@@ -17,6 +17,19 @@ import pyarrow.parquet as pq
 NOT_STORED = ("image", "original")
 
 
+def objects(values) -> np.ndarray:
+    """A 1-D object array (numpy would otherwise turn a list of bytes into a fixed-width bytes array)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
+
+
+def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Row dicts -> batch columns: text/bytes as object arrays, arrays and numbers stacked."""
+    return {k: objects([r[k] for r in rows]) if isinstance(rows[0][k], (str, bytes)) else
+            np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def is_stored(name: str) -> bool:
     return name not in NOT_STORED and not name.startswith("recon_")
 

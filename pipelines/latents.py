@@ -11,15 +11,10 @@ import pyarrow as pa
 
 from ops.edit import APPLICABLE, Edit
 from pipelines import io
-from pipelines.invert import TASK_RETRIES, actor_pool, Progress, fingerprint, init_ray, versions
+from pipelines.invert import (TASK_RETRIES, actor_pool, drain, fingerprint, finish, init_ray, read_stage, versions,
+                              write_batch)
 
 SPACE_COLUMNS = {"wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
-
-
-def read_columns(input: str, columns: list[str]):
-    import ray.data
-
-    return ray.data.read_parquet(io.part_paths(input), filesystem=io.arrow_filesystem(input)).select_columns(columns)
 
 
 def invert_run(input: str) -> dict:
@@ -116,8 +111,7 @@ class EditActor:
                             np.full(shape, np.nan, np.float32)
                     row["image_png"] = images[pos] if good else b""
                     rows.append(row)
-        return {k: np.array([r[k] for r in rows], dtype=object) if isinstance(rows[0][k], (str, bytes)) else
-                np.stack([r[k] for r in rows]) for k in rows[0]}
+        return io.rows_to_columns(rows)
 
     def output_shapes(self) -> dict:
         G, level = self.G, self.base_level
@@ -139,11 +133,6 @@ def population_std(channels_output: str) -> np.ndarray:
     std = np.empty(len(table))
     std[table.column("index").to_numpy()] = table.column("std").to_numpy()
     return std
-
-
-def write_rows(batch: dict, output: str, metadata: dict) -> dict:
-    io.write_part(io.to_table(batch, metadata), output)
-    return {"key": batch["key"], "status": batch["status"], "error_code": batch["error_code"]}
 
 
 def edit_previews(output: str, edits: list[Edit], n_sources: int = 4) -> None:
@@ -197,24 +186,18 @@ def run_edit(input: str, output: str, edits: list[Edit], space: str = "wplus", g
                                        "checkpoints_sha256": {"generator": G.generator_id}})
     init_ray()
     keys = [k for k in io.read_dataset(input, ["key"]).column("key").to_pylist() if k not in done]
-    statuses = {}
+    ds = None
     if keys:
-        ds = read_columns(input, ["key", "status", *SPACE_COLUMNS[space]])
+        ds = read_stage(input, ["key", "status", *SPACE_COLUMNS[space]])
         ds = ds.filter(lambda row: row["key"] not in done) if done else ds
         ds = ds.map_batches(EditActor, fn_constructor_kwargs=dict(
             generator=gen_path, space=space, edits=edits, refs=refs, directions=directions, base_level=base_level,
             cache_dir=cache_dir, channel_stats=channel_stats), batch_size=batch_size, **actor_pool(actors))
-        ds = ds.map_batches(write_rows, fn_kwargs={"output": output, "metadata": {"stage": "edit", "fingerprint": fp}},
+        ds = ds.map_batches(write_batch, fn_kwargs={"output": output, "metadata": {"stage": "edit", "fingerprint": fp}},
                             batch_size=None, num_cpus=1, **TASK_RETRIES)
-        bar = Progress("edit", len(keys) * sum(len(e.strengths) for e in edits), progress)
-        for row in ds.iter_rows():
-            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-            bar.update()
+    counts = drain(ds, "edit", len(keys) * sum(len(e.strengths) for e in edits), progress)
     edit_previews(output, edits)
-    stats = {"rows_processed": sum(statuses.values()), "already_done_sources": len(done), "by_status": statuses,
-             "seconds": round(time.time() - t0, 3)}
-    io.write_json(output, "stats.json", stats)
-    return stats
+    return finish(output, t0, *counts, len(done))  # already_done counts source rows here
 
 
 # ----- channels -----------------------------------------------------------------------------------------------------
@@ -284,7 +267,7 @@ def population_stats(input: str, column: str, generator: str = "", batch_size: i
 
     from ops.channels import RunningStats
 
-    source = read_columns(input, ["status", column])
+    source = read_stage(input, ["status", column])
     if column == "styles":
         partials = source.map_batches(partial_stats, fn_kwargs={"column": column}, batch_size=None, **TASK_RETRIES)
     else:
@@ -378,7 +361,7 @@ def run_channels(input: str, output: str, exemplars: list[str] | None = None, ex
             raise ValueError("locally-active channels need ok rows with landmarks (run invert with --align ffhq) "
                              "or a --mask-column")
         masks = [mask_column] if mask_column else ["landmarks", "align_transform"]
-        ds = read_columns(input, ["key", column, *masks])
+        ds = read_stage(input, ["key", column, *masks])
         ds = ds.filter(lambda row: row["key"] in chosen)
         ds = ds.map_batches(LocalScores, fn_constructor_kwargs={"generator": gen_path, "column": column,
                                                                 "grid": grid, "mask_column": mask_column,

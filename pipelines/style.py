@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 
+from models.checkpoints import file_sha256
 from ops.align import AlignConfig, check_backend
 from ops.destylize import DestylizeConfig
+from ops.images import thumbnail
 from pipelines import io
-from pipelines.invert import (TASK_RETRIES, MAX_PREVIEWS, Progress, actor_pool, fingerprint, ingest_align, init_ray,
-                              versions)
-from pipelines.translate import objects
+from pipelines.invert import (TASK_RETRIES, actor_pool, drain, fingerprint, finish, ingest_align, init_ray, versions,
+                              write_batch)
 
 CROP = 256  # portraits and faces enter the encoders at 256 x 256
 
@@ -52,7 +53,7 @@ class DestylizeActor:
         out = {k: np.array(v, copy=True) for k, v in batch.items()}
         codes = {c: np.full((n, g.n_latent, g.style_dim), np.nan, np.float32) for c in ("z_e", "z_hat", "z_i")}
         metrics = {c: np.full(n, np.nan, np.float32) for c in ("lpips", "id_sim")}
-        pngs = {c: objects([b""] * n) for c in ("portrait_png", "intermediate_png", "face_png")}
+        pngs = {c: io.objects([b""] * n) for c in ("portrait_png", "intermediate_png", "face_png")}
         previews = {c: np.zeros((n, g.size, g.size, 3), np.uint8) for c in ("recon_intermediate", "recon_face")}
         rows = np.flatnonzero(out["status"] == "ok")
         result = None
@@ -83,7 +84,7 @@ class DestylizeActor:
         out.update(codes, **metrics, **pngs, **previews,
                    id_weight=np.full(n, self.config.id_weight if self.identity is not None else 0.0, np.float32),
                    lpips_backbone=np.full(n, self.config.lpips_backbone, dtype=object))
-        out["original"] = np.stack([resize_to(a, g.size) for a in out["image"]])
+        out["original"] = np.stack([thumbnail(a, g.size) for a in out["image"]])
         return out
 
 
@@ -122,32 +123,23 @@ class StylizeActor:
                 rows_out.append({"key": f"{key}|{name}", "source_key": key, "style": name, "status": status,
                                  "error_code": code, "error": error,
                                  "image_png": encode_png(images[name][position[i]]) if good else b"",
-                                 "original": resize_to(batch["image"][i], G.size),
+                                 "original": thumbnail(batch["image"][i], G.size),
                                  "recon_stylized": images[name][position[i]] if good else
                                  np.zeros((G.size, G.size, 3), np.uint8)})
-        return {k: objects([r[k] for r in rows_out]) if isinstance(rows_out[0][k], (str, bytes)) else
-                np.stack([r[k] for r in rows_out]) for k in rows_out[0]}
+        return io.rows_to_columns(rows_out)
 
     def _render(self, batch: dict, ok: np.ndarray, images: dict) -> None:
         """Stylized uint8 images of the ok rows, one array per exemplar name."""
         import torch
 
-        from models.stylegan2 import per_sample
         from ops.images import to_uint8
+        from ops.stylize import stylize
 
-        G = self.model.generator
         if ok.size:
-            with torch.no_grad():
-                content = per_sample(self.encoder, images_of(batch, ok).to(self.device))  # Z+
-                for name, code in self.styles.items():
-                    ex_z = torch.from_numpy(code).to(self.device).expand(len(ok), -1, -1).clone()
-                    if self.preserve_color:  # colour rows from the content, before mapping (style_transfer.py)
-                        ex_z[:, 7:] = content[:, 7:]
-                    ex_w = G.mapping(ex_z.reshape(-1, ex_z.shape[-1])).reshape(ex_z.shape)
-                    out, _ = self.model([content], ex_w, z_plus_latent=True, truncation=self.truncation,
-                                        truncation_latent=0, use_res=True, randomize_noise=False,
-                                        interp_weights=self.weights)
-                    images[name] = to_uint8(out.clamp(-1, 1))
+            faces = images_of(batch, ok).to(self.device)
+            for name, code in self.styles.items():
+                images[name] = to_uint8(stylize(self.model, self.encoder, faces, torch.from_numpy(code), self.weights,
+                                                self.truncation, self.preserve_color))
 
 
 def resolve_styles(codes: dict, style_ids: list) -> dict:
@@ -160,23 +152,6 @@ def resolve_styles(codes: dict, style_ids: list) -> dict:
             raise ValueError(f"exemplar {sid!r} not in the exstyle codes ({len(names)}: {names[:5]}...)")
         chosen[name] = codes[name]
     return chosen
-
-
-def resize_to(image: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((size, size), Image.LANCZOS))
-
-
-def write_pairs(batch: dict, output: str, metadata: dict, preview_columns: tuple[str, ...]) -> dict:
-    from ops.images import preview_grid
-
-    path = io.write_part(io.to_table(batch, metadata), output)
-    rows = np.flatnonzero(batch["status"] == "ok")[:6]
-    if rows.size and io.count_previews(output) < MAX_PREVIEWS:
-        io.write_png(output, f"previews/{io.stem(path)}.png",
-                     preview_grid([batch[c] for c in preview_columns], rows))
-    return {"key": batch["key"], "status": batch["status"], "error_code": batch["error_code"]}
 
 
 def run_style_stage(stage: str, inputs: list[str], output: str, actor, actor_kwargs: dict, config: dict,
@@ -198,34 +173,15 @@ def run_style_stage(stage: str, inputs: list[str], output: str, actor, actor_kwa
                                        "started": t0, "versions": versions(), "checkpoints_sha256": digests})
     init_ray()
     todo = [{"key": k, "uri": u, "skip": False} for k, u in list_inputs(inputs) if k not in done]
-    statuses, errors = {}, {}
+    ds = None
     if todo:
         ds = ray.data.from_items(todo).map_batches(ingest_align, fn_kwargs={"size": CROP, "align": align},
                                                    batch_size=batch_size, num_cpus=1, **TASK_RETRIES)
         ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=batch_size, **actor_pool(actors))
-        ds = ds.map_batches(write_pairs, fn_kwargs={"output": output, "metadata": {"stage": stage, "fingerprint": fp},
-                                                    "preview_columns": preview_columns},
+        ds = ds.map_batches(write_batch, fn_kwargs={"output": output, "metadata": {"stage": stage, "fingerprint": fp},
+                                                    "preview_columns": preview_columns, "preview_rows": 6},
                             batch_size=None, num_cpus=1, **TASK_RETRIES)
-        bar = Progress(stage, len(todo) * rows_per_input, progress)
-        for row in ds.iter_rows():
-            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-            if row["error_code"]:
-                errors[row["error_code"]] = errors.get(row["error_code"], 0) + 1
-            bar.update()
-    seconds = time.time() - t0
-    stats = {"rows_processed": sum(statuses.values()), "already_done": len(done), "by_status": statuses,
-             "by_error": errors, "seconds": round(seconds, 3),
-             "rows_per_second": round(sum(statuses.values()) / max(seconds, 1e-9), 4)}
-    io.write_json(output, "stats.json", stats)
-    return stats
-
-
-def sha256_of(path: str) -> str:
-    import hashlib
-
-    from models.checkpoints import read_bytes
-
-    return hashlib.sha256(read_bytes(path)).hexdigest()
+    return finish(output, t0, *drain(ds, stage, len(todo) * rows_per_input, progress), len(done))
 
 
 def run_destylize(inputs: list[str], output: str, finetuned: str, encoder: str, generator: str = "",
@@ -246,16 +202,13 @@ def run_destylize(inputs: list[str], output: str, finetuned: str, encoder: str, 
         raise ValueError(f"models do not fit together: generator {g.size}px/{g.n_latent}x{g.style_dim}, fine-tuned "
                          f"{g_ft.size}px/{g_ft.n_latent}x{g_ft.style_dim}, encoder {enc.n_styles}x"
                          f"{enc.styles[0].cout}")
-    digests = {"generator": g.generator_id, "finetuned": g_ft.generator_id, "encoder": sha256_of(encoder),
-               **({"identity": sha256_of(identity)} if identity else {})}
+    digests = {"generator": g.generator_id, "finetuned": g_ft.generator_id, "encoder": file_sha256(encoder),
+               **({"identity": file_sha256(identity)} if identity else {})}
     config_dict = {"destylize": dataclasses.asdict(config), "identity": bool(identity), **digests}
     return run_style_stage("destylize", inputs, output, DestylizeActor,
                            dict(generator=generator, finetuned=finetuned, encoder=encoder, identity=identity,
                                 config=config, device=device), config_dict, digests, align,
                            ("original", "recon_intermediate", "recon_face"), **kw)
-
-
-DEFAULT_WEIGHTS = (0.75,) * 7 + (1.0,) * 11  # style_transfer.py: structure 0.75 (rows 0-6), colour 1 (rows 7-17)
 
 
 def run_stylize(inputs: list[str], output: str, dualstylegan: str, encoder: str, exstyles: str, style_ids: list,
@@ -264,6 +217,7 @@ def run_stylize(inputs: list[str], output: str, dualstylegan: str, encoder: str,
     """Faces x exemplars -> stylised images (one row per face and style) and a faces x styles grid per part."""
     from models.dualstylegan import load_dualstylegan, load_exstyle_codes
     from models.encoders import load_style_encoder
+    from ops.stylize import DEFAULT_WEIGHTS
 
     model, enc = load_dualstylegan(dualstylegan), load_style_encoder(encoder)
     n = model.n_latent
@@ -274,7 +228,7 @@ def run_stylize(inputs: list[str], output: str, dualstylegan: str, encoder: str,
         raise ValueError(f"encoder emits {enc.n_styles}x{enc.styles[0].cout}, DualStyleGAN needs {n}x"
                          f"{model.generator.style_dim}")
     styles = resolve_styles(load_exstyle_codes(exstyles), style_ids)
-    digests = {"dualstylegan": sha256_of(dualstylegan), "encoder": sha256_of(encoder), "exstyles": sha256_of(exstyles)}
+    digests = {"dualstylegan": file_sha256(dualstylegan), "encoder": file_sha256(encoder), "exstyles": file_sha256(exstyles)}
     config = {"styles": list(styles), "weights": weights, "truncation": truncation, "preserve_color": preserve_color,
               **digests}
     stats = run_style_stage("stylize", inputs, output, StylizeActor,

@@ -9,8 +9,8 @@ import time
 import numpy as np
 
 from pipelines import io
-from pipelines.invert import TASK_RETRIES, actor_pool, MAX_PREVIEWS, Progress, fingerprint, init_ray, versions
-from pipelines.latents import read_columns
+from pipelines.invert import TASK_RETRIES, actor_pool, drain, fingerprint, finish, init_ray, read_stage, versions, \
+    write_batch
 
 
 def decode_cell(value) -> np.ndarray:
@@ -20,13 +20,6 @@ def decode_cell(value) -> np.ndarray:
 
         return decode_png(value)
     return np.asarray(value, dtype=np.uint8)
-
-
-def objects(values) -> np.ndarray:
-    """A 1-D object array (numpy would otherwise turn a list of bytes into a fixed-width bytes array)."""
-    out = np.empty(len(values), dtype=object)
-    out[:] = list(values)
-    return out
 
 
 def read_photos(batch: dict) -> dict:
@@ -43,7 +36,7 @@ def read_photos(batch: dict) -> dict:
             data, error = None, f"{type(exc).__name__}: {exc}"
         rows.append(decode_row(key, data, read_error=error))
     out = {c: np.array([r[c] for r in rows], dtype=object) for c in ("key", "status", "error_code", "error")}
-    out["image"] = objects([encode_png(r["image"]) if r["image"] is not None else b"" for r in rows])
+    out["image"] = io.objects([encode_png(r["image"]) if r["image"] is not None else b"" for r in rows])
     return out
 
 
@@ -64,7 +57,7 @@ class TranslateActor:
 
         n = len(batch["key"])
         status, code, error = (np.array(batch[c], dtype=object, copy=True) for c in ("status", "error_code", "error"))
-        outputs = objects([b""] * n)
+        outputs = io.objects([b""] * n)
         originals = np.zeros((n, 64, 64, 3), np.uint8)
         results = np.zeros((n, 64, 64, 3), np.uint8)
         tensors = {}
@@ -84,26 +77,13 @@ class TranslateActor:
                 "translated_png": outputs, "original": originals, "recon_translated": results}
 
 
-def write_translated(batch: dict, output: str, metadata: dict) -> dict:
-    from ops.images import preview_grid
-
-    path = io.write_part(io.to_table(batch, metadata), output)
-    rows = np.flatnonzero(batch["status"] == "ok")[:8]
-    if rows.size and io.count_previews(output) < MAX_PREVIEWS:
-        io.write_png(output, f"previews/{io.stem(path)}.png",
-                     preview_grid([batch["original"], batch["recon_translated"]], rows))
-    return {"key": batch["key"], "status": batch["status"]}
-
-
 def run_translate(inputs: list[str], output: str, checkpoint: str, column: str = "",
                   preprocess: str = "resize_and_crop", load_size: int = 256, batch_size: int = 8, overwrite: bool = False, actors: int | None = None,
                   device: str = "auto", progress: bool = True) -> dict:
     """Translate every input (photos, or `column` of one stage output) with a CycleGAN generator."""
-    import hashlib
-
     import ray.data
 
-    from models.checkpoints import read_bytes
+    from models.checkpoints import file_sha256
     from models.cyclegan import load_cyclegan
     from ops.ingest import list_inputs
     from ops.translate import PREPROCESS
@@ -112,7 +92,7 @@ def run_translate(inputs: list[str], output: str, checkpoint: str, column: str =
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
     G = load_cyclegan(checkpoint)  # a wrong file fails here, before any row
-    digest = hashlib.sha256(read_bytes(checkpoint)).hexdigest()
+    digest = file_sha256(checkpoint)
     upstream = io.read_json(inputs[0], "run.json") if len(inputs) == 1 else None
     if upstream and not column:
         raise ValueError(f"{inputs[0]} is a stage output: name its image column with --column (e.g. aligned, "
@@ -127,7 +107,7 @@ def run_translate(inputs: list[str], output: str, checkpoint: str, column: str =
                                        "checkpoints_sha256": {"cyclegan": digest}})
     init_ray()
     if upstream:
-        ds = read_columns(inputs[0], ["key", "status", column])
+        ds = read_stage(inputs[0], ["key", "status", column])
         ds = ds.filter(lambda row: row["key"] not in done) if done else ds
         ds = ds.map_batches(lambda b: {"key": b["key"], "status": b["status"],
                                        "error_code": np.where(b["status"] == "ok", "", "source_not_ok"),
@@ -139,19 +119,13 @@ def run_translate(inputs: list[str], output: str, checkpoint: str, column: str =
         ds = ray.data.from_items(todo).map_batches(read_photos, batch_size=batch_size, num_cpus=1, **TASK_RETRIES) \
             if todo else None
         total = len(todo)
-    statuses = {}
     if ds is not None and total:
         ds = ds.map_batches(TranslateActor, fn_constructor_kwargs=dict(checkpoint=checkpoint, preprocess=preprocess,
                                                                        load_size=load_size, device=device),
                             batch_size=batch_size, **actor_pool(actors))
-        ds = ds.map_batches(write_translated, fn_kwargs={"output": output, "metadata": {"stage": "translate",
-                                                                                     "fingerprint": fp}},
+        ds = ds.map_batches(write_batch, fn_kwargs={"output": output, "metadata": {"stage": "translate",
+                                                                                "fingerprint": fp},
+                                                    "preview_columns": ("original", "recon_translated"),
+                                                    "preview_rows": 8},
                             batch_size=None, num_cpus=1, **TASK_RETRIES)
-        bar = Progress("translate", total, progress)
-        for row in ds.iter_rows():
-            statuses[row["status"]] = statuses.get(row["status"], 0) + 1
-            bar.update()
-    stats = {"rows_processed": sum(statuses.values()), "already_done": len(done), "by_status": statuses,
-             "seconds": round(time.time() - t0, 3)}
-    io.write_json(output, "stats.json", stats)
-    return stats
+    return finish(output, t0, *drain(ds, "translate", total, progress), len(done))
