@@ -9,47 +9,54 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import machine_line, write_section  # noqa: E402
 from ops.align import AlignConfig  # noqa: E402
-from ops.ingest import list_inputs  # noqa: E402
+from ops.ingest import IngestConfig, IngestStage, list_inputs  # noqa: E402
+from ops.invert import InvertConfig  # noqa: E402
 from ops.invert_stage import InvertStage, InvertStageConfig  # noqa: E402
+from ops.stage import Context, objects  # noqa: E402
+from pipelines import invert  # noqa: E402
 from pipelines.demo import write_synthetic  # noqa: E402
-from pipelines.invert import ingest_align, run_invert, write_parts  # noqa: E402
+from pipelines.runtime import RunOptions, run, write_batch  # noqa: E402
 
 STEPS, BATCH, N = 20, 4, 16
 
 
-def plain_loop(inputs: list[str], output: str, cfg: InvertStageConfig, align: AlignConfig) -> float:
-    """The pipeline's own stage functions, called batch after batch in this process."""
+def plain_loop(inputs: list[str], output: str, cfg: InvertStageConfig, photos: IngestConfig) -> float:
+    """The pipeline's own stages, called batch after batch in this process."""
     t0 = time.perf_counter()
     stage = InvertStage(cfg)
+    stage.prepare(Context())
     stage.setup()
+    ingest = IngestStage.feeding(stage, photos)
     items = list_inputs(inputs)
     for i in range(0, len(items), BATCH):
         chunk = items[i:i + BATCH]
-        batch = {"key": np.array([k for k, _ in chunk], dtype=object), "uri": np.array([u for _, u in chunk]),
-                 "skip": np.zeros(len(chunk), bool)}
-        write_parts(stage.process(ingest_align(batch, stage.G.size, align)), output, {}, cfg.spaces, False)
+        batch = {"key": objects([k for k, _ in chunk]), "uri": objects([u for _, u in chunk]),
+                 "status": objects(["ok"] * len(chunk)), "error_code": objects([""] * len(chunk)),
+                 "error": objects([""] * len(chunk))}
+        write_batch(stage.process(ingest.process(batch)), output, {}, stage.preview_columns())
     return time.perf_counter() - t0
 
 
 def main() -> None:
     torch.set_num_threads(2)
-    cfg = InvertStageConfig(spaces=("wplus",), steps=STEPS, lpips_net="alex", lpips_backbone="random")
-    align = AlignConfig(mode="none")
+    cfg = InvertStageConfig(invert=InvertConfig(steps=STEPS, lpips_net="alex", lpips_backbone="random",
+                                                optimize_noise=False))
+    photos = IngestConfig(alignment=AlignConfig("none"))
+    options = RunOptions(batch_size=BATCH, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic(Path(tmp) / "in", n=N // 2)
         inputs = [str(Path(tmp) / "in")]
-        loop_s = plain_loop(inputs, str(Path(tmp) / "loop"), cfg, align)
+        loop_s = plain_loop(inputs, str(Path(tmp) / "loop"), cfg, photos)
         t0 = time.perf_counter()
-        stats = run_invert(inputs, str(Path(tmp) / "ray"), cfg, align=align, batch_size=BATCH, progress=False)
+        stats = run(invert.ADAPTER, inputs, str(Path(tmp) / "ray"), cfg, photos, options)
         ray_s = time.perf_counter() - t0  # includes Ray start-up, as a user of the CLI pays it
         t0 = time.perf_counter()
-        run_invert(inputs, str(Path(tmp) / "ray_warm"), cfg, align=align, batch_size=BATCH, progress=False)
+        run(invert.ADAPTER, inputs, str(Path(tmp) / "ray_warm"), cfg, photos, options)
         warm_s = time.perf_counter() - t0
     assert stats["by_status"] == {"ok": N}
     body = "\n".join([

@@ -262,6 +262,23 @@ def _generator_from_nvidia_pickle(data: bytes, name: str) -> Generator:
     return build_generator(_nvidia_architecture(g, sd, nv), sd, w_avg, name)
 
 
+LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # first object of a pre-1.6 (non-zip) torch.save file
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError("not a plain value")
+
+
+def is_legacy_torch_file(data: bytes) -> bool:
+    """A torch.save file in the legacy (non-zip) serialization starts with a pickled magic number; an NVIDIA
+    snapshot is one pickle of a dict with globals. Reading the first object touches no global."""
+    try:
+        return _NoGlobals(io.BytesIO(data)).load() == LEGACY_TORCH_MAGIC
+    except Exception:
+        return False
+
+
 # ----- public API --------------------------------------------------------------------------------------------------
 def load_generator(path_or_uri: str) -> Generator:
     """Load a generator from any supported file (local path or fsspec URI), in eval mode with frozen weights.
@@ -273,7 +290,7 @@ def load_generator(path_or_uri: str) -> Generator:
         data = read_bytes(name)
     except FileNotFoundError:
         raise CheckpointError(f"{name}: no such checkpoint file") from None
-    if data[:4] == b"PK\x03\x04":
+    if data[:4] == b"PK\x03\x04" or is_legacy_torch_file(data):
         G, fmt = _generator_from_torch_file(_torch_load_safe(data, name), name)
     elif data[:1] == b"\x80":
         G, fmt = _generator_from_nvidia_pickle(data, name), "nvidia"
@@ -290,3 +307,13 @@ def save_generator(G: Generator, path: str) -> None:
     torch.save({"format": OUR_FORMAT, "version": 1, "architecture": json.dumps(G.architecture()),
                 "state_dict": {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()},
                 "w_avg": None if G.w_avg is None else G.w_avg.detach().cpu()}, path)
+
+
+def load_direction(data: bytes, name: str) -> np.ndarray:
+    """A latent direction file's contents: `.npy` (no pickles) or a `.pt` holding one tensor (weights_only)."""
+    if name.endswith(".npy"):
+        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    value = _torch_load_safe(data, name)
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{name}: a direction file must hold a single tensor, found {type(value).__name__}")
+    return value.float().numpy()

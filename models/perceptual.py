@@ -66,3 +66,44 @@ class Perceptual(nn.Module):
             return self.lpips(a, b).reshape(-1)
         # Image by image on CPU so that a distance (and its gradient) does not depend on the batch (see per_sample).
         return torch.cat([self.lpips(x, y).reshape(-1) for x, y in zip(a.split(1), b.split(1))])
+
+
+# ----- fetching weight files into the torch hub cache (for machines that are online, e.g. cluster setup) ----------
+WEIGHT_URLS = {name: f"https://download.pytorch.org/models/{name}" for name in BACKBONE_FILES.values()}
+
+
+class WeightsUnavailable(FileNotFoundError):
+    pass
+
+
+def fetch_weights(name: str, base_url: str | None = None) -> Path:
+    """Put one weight file into `$TORCH_HOME/hub/checkpoints/`: an LPIPS net (`vgg`, `alex`), a file name known
+    to WEIGHT_URLS (or under `base_url`), or a URL. A file name carrying a hash prefix (torchvision's
+    `name-<sha256[:8]>.pth`) is checked against it. Already present: nothing is downloaded."""
+    import re
+    from urllib.parse import urlparse
+
+    name = BACKBONE_FILES.get(name, name)
+    if "://" in name:
+        url = name
+    elif base_url:
+        url = f"{base_url.rstrip('/')}/{name}"
+    elif name in WEIGHT_URLS:
+        url = WEIGHT_URLS[name]
+    else:
+        raise ValueError(f"unknown weight file {name!r}: give a URL, --base-url, or one of {sorted(WEIGHT_URLS)}")
+    filename = Path(urlparse(url).path).name
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = re.search(r"-([0-9a-f]{8,})\.[a-z]+$", filename)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=digest.group(1) if digest else None,
+                                       progress=False)
+    except Exception as exc:  # offline, refused, or the hash does not match: nothing is left behind
+        dest.unlink(missing_ok=True)
+        raise WeightsUnavailable(f"cannot fetch {url} ({type(exc).__name__}: {exc}). Put {filename} into "
+                                 f"{dest.parent} by hand (or set TORCH_HOME to a folder whose hub/checkpoints/ "
+                                 "holds it)") from None
+    return dest

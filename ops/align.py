@@ -17,7 +17,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 from PIL import Image
@@ -211,27 +211,30 @@ def align_ffhq(image: np.ndarray, size: int, backend: LandmarkBackend, strict_fa
 
 @dataclass(frozen=True)
 class AlignConfig:
-    mode: str = "none"  # ffhq | none
-    strict_faces: bool = False  # several faces -> failed/multiple_faces instead of aligning the best one
-    backend: str = "dlib68"
+    # ffhq: dlib's 68 landmarks -> FFHQ crop (the landmark model is non-commercial); none: centre square, resized
+    align: Literal["ffhq", "none"] = "ffhq"
+    strict_faces: bool = False  # a photo with several faces fails (multiple_faces) instead of aligning the best one
+    min_face_score: float = 0.5  # detections scoring below are ignored
+    transform_size: int | None = None  # FFHQ warp supersampling in px (None: 4x the output; 4096: FFHQ-exact, slow)
+    landmark_backend: str = "dlib68"  # landmark detector (dlib68: HOG detector + 68-point predictor)
     upsample: int = 1  # dlib HOG upsampling: 1 finds faces down to ~40 px (FFHQ used 1)
-    min_score: float = 0.5  # detections scoring below are ignored
-    transform_size: int | None = None  # warp supersampling; None = 4x the output (FFHQ-exact: 4096)
 
     def __post_init__(self):
-        if self.mode not in ("ffhq", "none"):
-            raise ValueError(f"align mode must be 'ffhq' or 'none', got {self.mode!r}")
+        if self.align not in ("ffhq", "none"):
+            raise ValueError(f"align must be 'ffhq' or 'none', got {self.align!r}")
+
+    def backend(self) -> LandmarkBackend:
+        return cached_backend(self.landmark_backend, upsample=self.upsample, min_score=self.min_face_score)
 
 
 def align_image(image: np.ndarray, size: int, config: AlignConfig) -> Aligned:
     """One decoded photo -> its aligned crop; raises AlignError for no_face / multiple_faces."""
-    if config.mode == "none":
+    if config.align == "none":
         return center_crop_resize(image, size)
-    backend = cached_backend(config.backend, upsample=config.upsample, min_score=config.min_score)
-    return align_ffhq(image, size, backend, config.strict_faces, config.transform_size)
+    return align_ffhq(image, size, config.backend(), config.strict_faces, config.transform_size)
 
 
 def check_backend(config: AlignConfig) -> None:
     """Fail fast (before any row) when the configured landmark backend cannot load."""
-    if config.mode == "ffhq":
-        cached_backend(config.backend, upsample=config.upsample, min_score=config.min_score)
+    if config.align == "ffhq":
+        config.backend()

@@ -6,7 +6,11 @@ of any size on any worker combine into the statistics of the whole population, i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from ops.stage import Aggregate, Context, Provenance, Resources, Result, resolve_device
 
 
 class RunningStats:
@@ -193,3 +197,198 @@ def majority_masks(labels: np.ndarray, grid: int, n_labels: int) -> np.ndarray:
     blocks = labels.reshape(b, grid, h // grid, grid, w // grid).transpose(0, 1, 3, 2, 4).reshape(b, grid, grid, -1)
     counts = np.stack([(blocks == k).sum(-1) for k in range(n_labels)], axis=-1)
     return counts.argmax(-1)
+
+
+# ----- the channels stage (an aggregate over an invert output) ------------------------------------------------------
+FILTER_OPS = {"==": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal, ">": np.greater,
+              ">=": np.greater_equal}
+
+
+def parse_filter(expression: str) -> tuple[str, str, object]:
+    """`<column> <op> <value>` (op one of == != < <= > >=), e.g. `smile > 0.5` -> (column, op, value)."""
+    import yaml
+
+    parts = expression.split(None, 2)
+    if len(parts) != 3 or parts[1] not in FILTER_OPS:
+        raise ValueError(f"exemplar filter must be `<column> <op> <value>` with op in {list(FILTER_OPS)}, "
+                         f"got {expression!r}")
+    return parts[0], parts[1], yaml.safe_load(parts[2])
+
+
+def filter_keys(columns: dict, expression: str) -> list[str]:
+    """Keys of the rows of `columns` (key + the filtered column) matching the expression."""
+    column, op, value = parse_filter(expression)
+    keep = FILTER_OPS[op](np.asarray(list(columns[column])), value)
+    return [k for k, good in zip(columns["key"], keep) if good]
+
+
+def batch_styles(values: np.ndarray, column: str, G=None) -> np.ndarray:
+    """S vectors of latent rows: the stored `styles` column as is, or computed from `wplus` with G."""
+    values = np.asarray(values, dtype=np.float32)
+    if column == "styles":
+        return values
+    import torch
+
+    with torch.no_grad():
+        wplus = torch.from_numpy(values).to(G.input.input.device)
+        return G.styles_to_vector(G.styles(wplus)).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    exemplars: str = ""  # file with one key per line: the attribute's exemplar rows
+    exemplar_column: str = ""  # boolean column of the input marking exemplar rows
+    exemplar_filter: str = ""  # exemplar rows by a condition on a column, e.g. "smile > 0.5"
+    local_sample: int = 0  # ok rows with landmarks (or a mask column) for locally-active channels (0: none)
+    mask_column: str = ""  # label-map column [H, W] for locally-active channels ("": masks from the landmarks)
+    mask_labels: int = 0  # number of labels in the --mask-column maps
+    grid: int = 32  # gradient-map resolution (StyleSpace: 32)
+    top: int = 30  # channels in the bar chart
+    generator: str = ""  # checkpoint ("": the one invert recorded; its id is checked either way)
+
+
+class ChannelsStage(Aggregate):
+    """One streaming pass over an invert output: per-channel population mean/std of S (exact, mergeable), the
+    exemplars' S rows for attribute-specific channels, and region scores of the sampled rows for locally-active
+    channels. Needs the generator (an actor pool) only for W+ rows or gradient maps."""
+
+    name = "channels"
+    Config = ChannelsConfig
+    resources = Resources(num_cpus=1, num_gpus=1)
+    batch_size = 64
+
+    def prepare(self, context: Context) -> Provenance:
+        from ops.invert_stage import latent_source, load_checked_generator
+
+        cfg = self.config
+        source = latent_source(context.upstream, "channels")
+        spaces = source["spaces"]
+        self.column = "styles" if "s" in spaces else "wplus" if "wplus" in spaces else None
+        if self.column is None:
+            raise ValueError(f"the input has no S or W+ latents (spaces {list(spaces)}); channels need one of them")
+        if cfg.mask_column and cfg.mask_labels < 2:
+            raise ValueError("--mask-column needs --mask-labels N (the number of labels in the maps)")
+        self.generator = cfg.generator or source["generator"]
+        G = load_checked_generator(self.generator, source["generator_id"])
+        self.style_layers, self.width = G.style_layers, G.n_styles
+        self.exemplar_keys = self.choose_exemplars(context)
+        self.local_keys = self.choose_local_sample(context)
+        masks = ((cfg.mask_column,) if cfg.mask_column else ("landmarks", "align_transform")) if self.local_keys else ()
+        self.input_columns = ("key", "status", self.column, *masks)
+        self.uses_models = self.column == "wplus" or bool(self.local_keys)
+        return Provenance(checkpoints={"generator": G.generator_id},
+                          fingerprint={"exemplar_keys": sorted(self.exemplar_keys or []),
+                                       "local_keys": sorted(self.local_keys)})
+
+    def choose_exemplars(self, context: Context) -> set[str] | None:
+        cfg = self.config
+        if cfg.exemplar_filter:
+            column = parse_filter(cfg.exemplar_filter)[0]
+            return set(filter_keys(context.read_input(None, [column]), cfg.exemplar_filter))
+        if cfg.exemplar_column:
+            table = context.read_input(None, [cfg.exemplar_column])
+            return {k for k, v in zip(table["key"], table[cfg.exemplar_column]) if v}
+        if cfg.exemplars:
+            return {line.strip() for line in context.read_bytes(cfg.exemplars).decode().splitlines() if line.strip()}
+        return None
+
+    def choose_local_sample(self, context: Context) -> set[str]:
+        """The first `local_sample` ok rows by key that have landmarks (or any ok rows, with a mask column)."""
+        cfg = self.config
+        if not cfg.local_sample:
+            return set()
+        table = context.read_input(None, ["status", "landmarks"] if not cfg.mask_column else ["status"])
+        usable = [k for i, k in enumerate(table["key"]) if table["status"][i] == "ok" and
+                  (cfg.mask_column or np.isfinite(table["landmarks"][i]).all())]
+        if not usable:
+            raise ValueError("locally-active channels need ok rows with landmarks (run invert with --align ffhq) "
+                             "or a --mask-column")
+        return set(sorted(usable)[:cfg.local_sample])
+
+    def setup(self, device: str = "cpu") -> None:
+        from models.checkpoints import load_generator
+        from ops.invert_stage import generator_path
+
+        self.G = None
+        if self.uses_models:
+            self.G = load_generator(generator_path(self.generator)).to(resolve_device(device))
+
+    def partial(self, batch: dict[str, np.ndarray]) -> dict:
+        ok = np.flatnonzero(np.asarray(batch["status"]) == "ok")
+        keys = [str(k) for k in np.asarray(batch["key"])[ok]]
+        s = batch_styles(np.asarray(batch[self.column])[ok], self.column, self.G) if ok.size else \
+            np.zeros((0, self.width), np.float32)
+        state = {"stats": RunningStats(self.width).update(s), "exemplars": {}, "local": {}}
+        if self.exemplar_keys is not None:
+            state["exemplars"] = {k: s[i] for i, k in enumerate(keys) if k in self.exemplar_keys}
+        local = [i for i, k in enumerate(keys) if k in self.local_keys]
+        if local:
+            state["local"] = dict(zip([keys[i] for i in local], self.local_scores(batch, ok[local], s[local])))
+        return state
+
+    def local_scores(self, batch: dict, rows: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Region scores [N, conv channels, regions] of rows: gradient maps overlapped with their region masks."""
+        cfg, G = self.config, self.G
+        if cfg.mask_column:
+            masks = majority_masks(np.stack(batch[cfg.mask_column][rows]).astype(np.int64), cfg.grid,
+                                   cfg.mask_labels)
+        else:
+            masks = landmark_masks(np.asarray(batch["landmarks"])[rows], np.asarray(batch["align_transform"])[rows],
+                                   G.size, cfg.grid)
+        maps = gradient_maps(G, s, conv_channels(self.style_layers), cfg.grid)
+        return region_scores(maps, masks, cfg.mask_labels if cfg.mask_column else len(REGIONS))
+
+    def merge(self, a: dict, b: dict) -> dict:
+        return {"stats": a["stats"].merge(b["stats"]), "exemplars": {**a["exemplars"], **b["exemplars"]},
+                "local": {**a["local"], **b["local"]}}
+
+    def finish(self, state: dict | None) -> Result:
+        from ops.images import bar_chart, heat_map
+
+        cfg = self.config
+        population = state["stats"] if state else RunningStats(self.width)
+        if population.count == 0:
+            raise ValueError("the input has no ok rows")
+        result = Result(tables={"population_stats": population.to_columns()}, stats={"population": population.count})
+        if self.exemplar_keys is not None:
+            if not state["exemplars"]:
+                raise ValueError("none of the exemplar keys is an ok row of the input")
+            s = np.stack([state["exemplars"][k] for k in sorted(state["exemplars"])])
+            table = channel_table(self.style_layers, attribute_scores(s, population.mean_, population.std()), len(s))
+            result.tables["attribute_channels"] = table
+            head = slice(0, cfg.top)
+            labels = [f"{l}[{c}]{' rgb' if t else ''}" for l, c, t in zip(table["layer"][head],
+                                                                          table["channel"][head],
+                                                                          table["is_torgb"][head])]
+            result.previews["attribute_channels"] = bar_chart(labels, table["theta"][head])
+            result.stats["exemplars"] = len(s)
+        if self.local_keys:
+            scores = np.stack([state["local"][k] for k in sorted(state["local"])])
+            table, picked = local_channel_table(self.style_layers, scores, cfg.mask_labels if cfg.mask_column else 0)
+            result.tables["local_channels"] = table
+            if picked:
+                regions = [c[len("freq_"):] for c in table if c.startswith("freq_")]
+                freq = np.stack([table[f"freq_{r}"] for r in regions], axis=1)
+                result.previews["local_channels"] = heat_map(
+                    freq[picked], [f"{table['layer'][r]}[{table['channel'][r]}]" for r in picked], regions)
+            result.stats["local_images"] = len(scores)
+        return result
+
+
+def local_channel_table(style_layers, scores: np.ndarray, mask_labels: int) -> tuple[dict, list[int]]:
+    """Per conv channel: layer, channel, S index, region frequencies and, per region, the rank of the channels
+    StyleSpace's rule selects (-1: not selected). Also returns up to five selected rows per region (heat map)."""
+    freq = region_frequency(scores)
+    index = conv_channels(style_layers)
+    layer, channel, _ = channel_names(style_layers)
+    regions = [f"label_{k}" for k in range(mask_labels)] if mask_labels else list(REGIONS)
+    table = {"layer": layer[index], "channel": channel[index], "index": index,
+             **{f"freq_{r}": freq[:, i] for i, r in enumerate(regions)}}
+    shown = []
+    for i, region in enumerate(regions[1:], start=1):  # region 0 is the background
+        picked, _ = select_local_channels(freq, [i])
+        rank = np.full(len(index), -1)
+        rank[picked] = np.arange(len(picked))
+        table[f"rank_{region}"] = rank
+        shown += list(picked[:5])
+    return table, shown

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -23,25 +26,29 @@ from models.perceptual import box_downsample
 from models.stylegan2 import per_sample
 from ops.invert import key_generator, per_image_randn, projector_lr, shared_perceptual
 from ops.regularizers import noise_regularizer, normalize_noise_
+from ops.stage import Context, Provenance, Resources, Stage, blank_like, objects
+
+CROP = 256  # portraits enter the encoders at 256 x 256
 
 
 @dataclass(frozen=True)
 class DestylizeConfig:
-    steps: int = 300
-    lr: float = 0.1
-    lpips_net: str = "vgg"
-    lpips_backbone: str = "imagenet"
-    id_weight: float = 0.1  # forced to 0 (and recorded) when no identity model is given
-    reg_weight: float = 1.0
-    noise_weight: float = 1e5
-    truncation: float = 0.7  # toward 0, as every DualStyleGAN script
-    colour_row: int = 8  # rows >= this keep the encoder's code (destylize.py uses 8)
-    seed: int = 0
+    steps: int = 300  # Adam steps on the fine-tuned generator
+    lr: float = 0.1  # peak learning rate (the projector's ramps)
+    lpips_net: Literal["vgg", "alex"] = "vgg"  # LPIPS backbone network
+    lpips_backbone: Literal["imagenet", "random"] = "imagenet"  # random: explicit offline opt-in, recorded per row
+    id_weight: float = 0.1  # weight of 1 - cos(ID); forced to 0 (and recorded) when no identity model is given
+    reg_weight: float = 1.0  # weight of the Z+ regulariser mean_d std_l(z)
+    noise_weight: float = 1e5  # weight of the noise autocorrelation penalty
+    truncation: float = 0.7  # toward 0, for the realistic faces (as every DualStyleGAN script)
+    colour_row: int = 8  # W+ rows from this one on keep the encoder's code (colour; destylize.py uses 8)
+    seed: int = 0  # combined with each key for the per-image noise maps
 
 
 def map_zplus(G, z: torch.Tensor) -> torch.Tensor:
-    """Z+ [B, L, D]: every row through the mapping network on its own -> W+."""
-    return G.mapping(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+    """Z+ [B, L, D]: every row through the mapping network on its own -> W+ (image by image on CPU, so that the
+    mapping GEMM's rounding does not depend on the batch; see per_sample)."""
+    return per_sample(lambda t: G.mapping(t.reshape(-1, t.shape[-1])).reshape(t.shape), z)
 
 
 def compare_size(G, portraits: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -99,3 +106,91 @@ def destylize(g, g_ft, encoder, portraits: torch.Tensor, keys: list[str], config
         if identity is not None:
             out["id_sim"] = (per_sample(identity, face) * per_sample(identity, portraits)).sum(dim=1)
     return out
+
+
+# ----- the destylize stage -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DestylizeStageConfig:
+    finetuned: str = ""  # generator fine-tuned on the style (g'), rosinality .pt
+    encoder: str = ""  # Z+ pSp encoder (DualStyleGAN's encoder.pt)
+    generator: str = ""  # the original generator g ("": the bundled one)
+    identity: str = ""  # ArcFace IR-SE50 (model_ir_se50.pth); "": the ID term is off (recorded as id_weight 0)
+    destylize: DestylizeConfig = DestylizeConfig()
+
+
+def load_destylize_models(cfg: DestylizeStageConfig, device="cpu"):
+    """(g, g', Z+ encoder, identity or None), checked to fit together."""
+    from models.checkpoints import load_generator
+    from models.encoders import load_style_encoder
+    from models.identity import load_arcface
+    from ops.invert_stage import generator_path
+
+    g, g_ft = load_generator(generator_path(cfg.generator)).to(device), load_generator(cfg.finetuned).to(device)
+    encoder = load_style_encoder(cfg.encoder).to(device)
+    identity = load_arcface(cfg.identity, device) if cfg.identity else None
+    if (g.size, g.style_dim, g.n_latent) != (g_ft.size, g_ft.style_dim, g_ft.n_latent) or \
+            encoder.n_styles != g.n_latent or encoder.styles[0].cout != g.style_dim:
+        raise ValueError(f"models do not fit together: generator {g.size}px/{g.n_latent}x{g.style_dim}, fine-tuned "
+                         f"{g_ft.size}px/{g_ft.n_latent}x{g_ft.style_dim}, encoder {encoder.n_styles}x"
+                         f"{encoder.styles[0].cout}")
+    return g, g_ft, encoder, identity
+
+
+class DestylizeStage(Stage):
+    """Artistic portraits (aligned crops of 256 px) -> paired realistic faces: portrait/intermediate/face PNGs,
+    z_e, z_hat, z_i, lpips, id_sim, id_weight."""
+
+    name = "destylize"
+    Config = DestylizeStageConfig
+    resources = Resources(num_cpus=1, num_gpus=1)
+    uses_models = True
+    batch_size = 4
+    required = ("finetuned", "encoder")
+    image_size = CROP
+
+    def prepare(self, context: Context) -> Provenance:
+        from models.checkpoints import file_sha256
+
+        cfg = self.config
+        g, g_ft, _, _ = load_destylize_models(cfg)
+        self.shape, self.size = (g.n_latent, g.style_dim), g.size
+        digests = {"generator": g.generator_id, "finetuned": g_ft.generator_id, "encoder": file_sha256(cfg.encoder),
+                   **({"identity": file_sha256(cfg.identity)} if cfg.identity else {})}
+        return Provenance(checkpoints=digests)
+
+    def setup(self, device: str = "cpu") -> None:
+        from ops.stage import resolve_device
+
+        self.g, self.g_ft, self.encoder, self.identity = load_destylize_models(self.config, resolve_device(device))
+
+    def preview_columns(self) -> tuple[str, ...]:
+        return ("original", "recon_intermediate", "recon_face")
+
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        cfg = self.config.destylize
+        out = blank_like({"z_e": self.shape, "z_hat": self.shape, "z_i": self.shape, "lpips": (), "id_sim": ()}, n)
+        out.update({c: objects([b""] * n) for c in ("portrait_png", "intermediate_png", "face_png")})
+        out.update({c: np.zeros((n, self.size, self.size, 3), np.uint8) for c in ("recon_intermediate",
+                                                                                   "recon_face")})
+        out["id_weight"] = np.full(n, cfg.id_weight if self.config.identity else 0.0, np.float32)
+        out["lpips_backbone"] = objects([cfg.lpips_backbone] * n)
+        return out
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ops.images import encode_png, to_uint8
+
+        pixels = np.stack(batch["image"])
+        images = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2).to(self.g.input.input.device)
+        result = destylize(self.g, self.g_ft, self.encoder, images / 127.5 - 1, [str(k) for k in batch["key"]],
+                           self.config.destylize, self.identity)
+        out = {c: result[c].cpu().numpy() for c in ("z_e", "z_hat", "z_i", "lpips")}
+        if "id_sim" in result:
+            out["id_sim"] = result["id_sim"].cpu().numpy()
+        for name in ("intermediate", "face"):
+            out[f"recon_{name}"] = to_uint8(result[name])
+            out[f"{name}_png"] = objects([encode_png(p) for p in out[f"recon_{name}"]])
+        out["portrait_png"] = objects([encode_png(p) for p in pixels])
+        finite = np.all([np.isfinite(out[c]).reshape(len(pixels), -1).all(1) for c in ("z_e", "z_hat", "z_i")], 0)
+        out["error_code"] = objects(["" if ok else "nonfinite_latent" for ok in finite])
+        out["error"] = objects(["" if ok else "non-finite codes" for ok in finite])
+        return out

@@ -7,10 +7,13 @@ Each takes and returns float tensors with a leading batch dimension; none touche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import torch
 
 from ops.geometry import similarity_warp
+from ops.stage import Context, Provenance, Resources, Stage, blank_like, config_dict, objects
 
 EDIT_KINDS = ("direction", "channel", "interpolate", "arithmetic", "mix", "geometric")
 
@@ -205,3 +208,177 @@ def render_edited(G, space: str, edited: dict, base_level: int) -> torch.Tensor:
     if space == "fwplus":
         return G.synthesis_from_base_code(edited["fwplus_base_code"], edited["fwplus_wplus"], base_level)
     return G.synthesis_from_styles(edited["styles"]) if "wplus" not in edited else G.synthesis(edited["wplus"])
+
+
+# ----- the edit stage ------------------------------------------------------------------------------------------------
+SPACE_COLUMNS = {"wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
+
+EDITS_FORMAT = """edits file (YAML list; `strengths` are rendered side by side; `name` defaults to the kind):
+  - {kind: direction, name: smile, path: smile.npy, strengths: [-3, 0, 3], layers: [0, 8]}
+  - {kind: channel, layer: convs.5, channel: 12, strengths: [-10, 0, 10]}   # alpha in channel stds
+  - {kind: interpolate, other: photos/b.jpg, strengths: [0, 0.5, 1]}
+  - {kind: arithmetic, a: neutral.jpg, b: smiling.jpg, strengths: [1]}      # + lambda (w_b - w_a)
+  - {kind: mix, other: photos/b.jpg, strengths: [4, 8]}                     # rows [0, k) kept
+  - {kind: geometric, shift: [16, 0], degrees: 10, strengths: [0, 1]}       # fwplus: transforms F
+"""
+
+
+def parse_edits(text: bytes | str, name: str = "edits") -> list[Edit]:
+    """The edits file (EDITS_FORMAT) -> Edit list with distinct names."""
+    import yaml
+
+    entries = yaml.safe_load(text)
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{name}: expected a YAML list of edits")
+    edits = []
+    for entry in entries:
+        params = dict(entry)
+        kind, label = params.pop("kind", None), str(params.pop("name", ""))
+        strengths = tuple(float(v) for v in params.pop("strengths", [1.0]))
+        edits.append(Edit(kind=kind, strengths=strengths, name=label, params=params))
+    labels = [e.label for e in edits]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{name}: edits need distinct names, got {labels}")
+    return edits
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    edits: str = ""  # YAML list of edits (format below)
+    space: Literal["wplus", "s", "fwplus"] = "wplus"  # which stored latents to edit
+    generator: str = ""  # checkpoint ("": the one invert recorded; its id is checked either way)
+    # a `channels` output whose population std scales channel edits ("": 10k samples of the generator, psi 0.7)
+    channel_stats: str = ""
+    cache_dir: str | None = None  # where per-generator S statistics are cached
+
+
+class EditStage(Stage):
+    """Every input row once per (edit, strength): key `<key>|<edit>|<strength>`, the edited latents (`styles`,
+    the S vector of the result, plus `wplus` or the fwplus columns) and `image_png`, its rendering."""
+
+    name = "edit"
+    Config = EditConfig
+    resources = Resources(num_cpus=1, num_gpus=1)
+    uses_models = True
+    required = ("edits",)
+
+    def __init__(self, config: EditConfig | None = None):
+        super().__init__(config)
+        self.input_columns = ("key", "status", "error_code", "error", *SPACE_COLUMNS[self.config.space])
+        self.edits: list[Edit] = []
+
+    def prepare(self, context: Context) -> Provenance:
+        from models.checkpoints import load_direction, sha256_hex
+        from ops.invert_stage import latent_source, load_checked_generator
+
+        cfg = self.config
+        source = latent_source(context.upstream, "edit")
+        if cfg.space not in source["spaces"]:
+            raise ValueError(f"the input holds spaces {list(source['spaces'])}, not {cfg.space}")
+        self.edits = parse_edits(context.read_bytes(cfg.edits), cfg.edits)
+        self.generator = cfg.generator or source["generator"]
+        G = load_checked_generator(self.generator, source["generator_id"])
+        self.base_level = source["base_level"]
+        files = {e.label: (e.params["path"], context.read_bytes(e.params["path"])) for e in self.edits
+                 if e.kind == "direction"}
+        self.directions = {label: load_direction(data, path) for label, (path, data) in files.items()}
+        refs = sorted({e.params[p] for e in self.edits for p in ("other", "a", "b") if p in e.params})
+        rows = context.read_input(refs, ["status", *SPACE_COLUMNS[cfg.space]]) if refs else {"key": []}
+        self.refs = {k: {c: rows[c][i:i + 1] for c in SPACE_COLUMNS[cfg.space]}
+                     for i, k in enumerate(rows["key"]) if rows["status"][i] == "ok"}
+        self.std = None
+        if cfg.channel_stats and any(e.kind == "channel" for e in self.edits):
+            table = context.read_table(cfg.channel_stats.rstrip("/") + "/population_stats.parquet", ["index", "std"])
+            self.std = np.empty(len(table["index"]))
+            self.std[table["index"]] = table["std"]
+        self._shapes = edited_shapes(G, cfg.space, self.base_level)
+        digests = {"generator": G.generator_id,
+                   **{f"direction:{label}": sha256_hex(data) for label, (_, data) in files.items()}}
+        return Provenance(checkpoints=digests, fingerprint={"edits": [config_dict(e) for e in self.edits]})
+
+    def setup(self, device: str = "cpu") -> None:
+        from models.checkpoints import load_generator
+        from ops.invert_stage import generator_path
+        from ops.stage import resolve_device
+
+        self.G = load_generator(generator_path(self.generator)).to(resolve_device(device))
+        self.device = self.G.input.input.device
+        if self.std is None and any(e.kind == "channel" for e in self.edits):
+            self.std = channel_std(self.G, cache_dir=self.config.cache_dir).numpy()
+
+    def variants(self) -> list[str]:
+        return [f"{e.label}|{s:g}" for e in self.edits for s in e.strengths]
+
+    def expand(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().expand(batch)
+        plan = [(e, s) for e in self.edits for s in e.strengths]
+        out["edit"] = objects([plan[v][0].label for v in out["variant"]])
+        out["kind"] = objects([plan[v][0].kind for v in out["variant"]])
+        out["strength"] = np.array([plan[v][1] for v in out["variant"]], dtype=np.float64)
+        return out
+
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        return {**blank_like(self._shapes, n), "image_png": objects([b""] * n)}
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ops.images import encode_png, to_uint8
+
+        n = len(batch["key"])
+        out = {**self.blank(n), "error_code": objects([""] * n), "error": objects([""] * n),
+               "status": objects(["ok"] * n)}
+        plan = [(e, s) for e in self.edits for s in e.strengths]
+        std = torch.from_numpy(self.std) if self.std is not None else None
+        refs = {k: {c: torch.from_numpy(a).to(self.device) for c, a in cols.items()} for k, cols in self.refs.items()}
+        for v in np.unique(batch["variant"]):
+            rows = np.flatnonzero(batch["variant"] == v)
+            edit, strength = plan[v]
+            if edit.kind not in APPLICABLE[self.config.space]:
+                out["status"][rows], out["error_code"][rows] = "skipped", "not_applicable"
+                out["error"][rows] = f"{edit.kind} edits do not apply to {self.config.space} latents"
+                continue
+            columns = {c: torch.from_numpy(np.ascontiguousarray(batch[c][rows])).to(self.device)
+                       for c in SPACE_COLUMNS[self.config.space]}
+            direction = self.directions.get(edit.label)
+            try:
+                with torch.no_grad():
+                    result = apply_edit(self.G, edit, strength, self.config.space, columns, refs,
+                                        torch.from_numpy(direction) if direction is not None else None, std)
+                    pixels = to_uint8(render_edited(self.G, self.config.space, result, self.base_level))
+            except (ValueError, KeyError) as exc:  # a misfit edit fails its own rows, not the others
+                out["status"][rows], out["error_code"][rows] = "failed", "edit_error"
+                out["error"][rows] = f"{type(exc).__name__}: {exc}"
+                continue
+            for column in self._shapes:
+                if column in result:
+                    out[column][rows] = result[column].cpu().numpy()
+            out["image_png"][rows] = objects([encode_png(p) for p in pixels])
+        return out
+
+    def summary_columns(self) -> tuple[str, ...]:
+        return ("source_key", "edit", "strength", "status", "image_png")
+
+    def summary_previews(self, table: dict) -> dict[str, np.ndarray]:
+        """One grid per edit: rows = the first source images, columns = strengths."""
+        from ops.images import png_grid
+
+        cells = {(s, e, float(st)): png for s, e, st, status, png in zip(
+            table["source_key"], table["edit"], table["strength"], table["status"], table["image_png"])
+            if status == "ok"}
+        sources = sorted({s for s, _, _ in cells})
+        grids = {}
+        for edit in self.edits:
+            grid = png_grid({(s, st): png for (s, e, st), png in cells.items() if e == edit.label}, sources,
+                            [float(st) for st in edit.strengths])
+            if grid is not None:
+                grids[f"edit-{edit.label}"] = grid
+        return grids
+
+
+def edited_shapes(G, space: str, base_level: int) -> dict[str, tuple[int, ...]]:
+    """The latent columns an edit of `space` writes: S always, the W+ code unless S, the base code for fwplus."""
+    shapes = {"styles": (G.n_styles,)}
+    if space != "s":
+        shapes["fwplus_wplus" if space == "fwplus" else "wplus"] = (G.n_latent, G.style_dim)
+    if space == "fwplus":
+        shapes["fwplus_base_code"] = (G.channels[base_level], base_level, base_level)
+    return shapes

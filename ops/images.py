@@ -34,10 +34,24 @@ def thumbnail(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
+def resize_square(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, R, R, 3] -> [N, size, size, 3]: unchanged at R == size, Lanczos-reduced above (FFHQ's 1024 crops
+    for a smaller model); smaller inputs are refused (upsampling would invent detail)."""
+    from PIL import Image
+
+    if images.shape[1:3] == (size, size):
+        return images
+    if images.shape[1] != images.shape[2] or images.shape[1] < size:
+        raise ValueError(f"images of {images.shape[2]}x{images.shape[1]} px cannot feed a {size} px model")
+    return np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.LANCZOS)) for a in images])
+
+
 def preview_grid(columns: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     """Side-by-side preview: one grid row per selected row, one grid column per uint8 [N, H, W, 3] column
-    (e.g. original | aligned | reconstruction per space)."""
-    tiles = np.stack([c[rows] for c in columns], axis=1)
+    (e.g. original | aligned | reconstruction per space); tiles are fitted to the smallest column's size."""
+    size = min(c.shape[1] for c in columns)
+    tiles = np.stack([[c[r] if c.shape[1:3] == (size, size) else thumbnail(c[r], size) for c in columns]
+                      for r in rows])
     return make_grid(tiles.reshape(-1, *tiles.shape[2:]), ncols=len(columns))
 
 
@@ -47,6 +61,13 @@ def decode_png(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def decode_cell(value) -> np.ndarray:
+    """An image cell of a stage output: PNG/JPEG bytes or a uint8 [H, W, 3] array."""
+    if isinstance(value, (bytes, bytearray)):
+        return decode_png(value)
+    return np.asarray(value, dtype=np.uint8)
 
 
 def png_grid(cells: dict, rows: list, cols: list) -> np.ndarray | None:

@@ -7,6 +7,7 @@ header before any pixel is decoded, so a decompression bomb costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import posixpath
@@ -18,14 +19,16 @@ from PIL import Image, ImageOps
 
 from ops.align import AlignConfig, AlignError, align_image
 from ops.images import thumbnail
+from models.default_generator import ARCHITECTURE as DEFAULT_ARCHITECTURE
+from ops.stage import Context, Provenance, Stage, blank_like, objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    max_pixels: int = 64_000_000  # width*height above this is refused as too_large (never decoded)
-    max_side: int = 16_384  # either side above this is refused as too_large
+    max_pixels: int = 64_000_000  # width * height above this is refused as too_large (never decoded)
+    max_side: int = 16_384  # an image side above this (px) is refused as too_large
 
 
 class DecodeError(Exception):
@@ -36,22 +39,32 @@ class DecodeError(Exception):
 
 def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:
     """(key, uri) for every input image, sorted by key. A directory gives keys relative to it (recursive, image
-    extensions only); a glob gives the full path/URI of each match; a plain file or URI is its own key."""
+    extensions only), prefixed by the directory's own name when several inputs are given; a glob gives the full
+    path/URI of each match; a plain file or URI is its own key. Two different files with one key are refused,
+    naming both (never a silently dropped input)."""
     import fsspec
 
     found: dict[str, str] = {}
+
+    def add(key: str, uri: str) -> None:
+        if found.setdefault(key, uri) != uri:
+            raise ValueError(f"inputs {found[key]} and {uri} would both be stored as key {key!r}; give their "
+                             "folders distinct names or pass them as separate runs")
+
     for spec in inputs:
         fs, root = fsspec.core.url_to_fs(spec)
         prefix = spec.split("://")[0] + "://" if "://" in spec else ""
         if any(ch in spec for ch in "*?["):
             for path in fs.glob(root):
-                found.setdefault(prefix + path, prefix + path)
+                add(prefix + path, prefix + path)
         elif fs.isdir(root):
+            name = posixpath.basename(root.rstrip("/"))
             for path in fs.find(root):
                 if path.lower().endswith(IMAGE_EXTENSIONS):
-                    found.setdefault(posixpath.relpath(path, root), prefix + path)
+                    rel = posixpath.relpath(path, root)
+                    add(f"{name}/{rel}" if len(inputs) > 1 else rel, prefix + path)
         else:
-            found.setdefault(spec, spec)
+            add(spec, spec)
     return sorted(found.items())
 
 
@@ -130,20 +143,20 @@ def align_columns(size: int, aligned=None) -> dict:
     return row
 
 
-def ingest_row(key: str, uri: str, size: int, skip: bool = False, config: DecodeConfig = DecodeConfig(),
+def read_row(key: str, uri: str, config: DecodeConfig) -> dict:
+    """Read and decode one input; an unreadable file is a `read_error` row (transient: retried by a rerun)."""
+    try:
+        data, read_error = read_bytes(uri), None
+    except Exception as exc:  # missing file, network or permission error: the row records it
+        data, read_error = None, f"{type(exc).__name__}: {exc}"
+    return decode_row(key, data, config, read_error=read_error)
+
+
+def ingest_row(key: str, uri: str, size: int, config: DecodeConfig = DecodeConfig(),
                align: AlignConfig = AlignConfig()) -> dict:
-    """Read, decode and align one input to uint8 [size, size, 3] plus its alignment columns. Never raises:
-    unreadable, undecodable or faceless inputs are failed rows, `skip` (past --limit) a skipped row; both carry a
-    blank image and NaN geometry."""
-    if skip:
-        row = {**decode_row(key, b"", config), "status": "skipped", "error_code": "limit", "error": "beyond --limit",
-               "sha256": ""}
-    else:
-        try:
-            data, read_error = read_bytes(uri), None
-        except Exception as exc:  # missing file, network or permission error: the row records it
-            data, read_error = None, f"{type(exc).__name__}: {exc}"
-        row = decode_row(key, data, config, read_error=read_error)
+    """Read, decode and align one input to uint8 [size, size, 3] plus its alignment columns and a thumbnail of the
+    photo (`original`). Never raises: unreadable, undecodable or faceless inputs come back with their error."""
+    row = read_row(key, uri, config)
     aligned = None
     if row["status"] == "ok":
         try:
@@ -154,3 +167,97 @@ def ingest_row(key: str, uri: str, size: int, skip: bool = False, config: Decode
             row.update(status="failed", error_code="align_error", error=f"{type(exc).__name__}: {exc}")
     thumb = thumbnail(row["image"], size) if row["image"] is not None else np.zeros((size, size, 3), np.uint8)
     return {**row, **align_columns(size, aligned), "original": thumb}
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    size: int | None = None  # crop size in px (None: what the stage after ingest takes; alone: the bundled model's)
+    alignment: AlignConfig = AlignConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+
+INGEST_TEXT = {"sha256": "", "format": ""}
+INGEST_ARRAYS = {"width": ((), np.int64), "height": ((), np.int64), "n_faces": ((), np.int64),
+                 "face_score": ((), np.float32), "landmarks": ((68, 2), np.float32), "quad": ((4, 2), np.float32),
+                 "align_transform": ((2, 3), np.float32)}
+
+
+class IngestStage(Stage):
+    """Photos -> decoded, aligned crops (`image`, uint8 [size, size, 3]) with their geometry; `keep_pixels` also
+    stores the crops (column `aligned`) when ingest is the stage whose output is kept."""
+
+    name = "ingest"
+    Config = IngestConfig
+    batch_size = 8
+
+    def __init__(self, config: IngestConfig | None = None, keep_pixels: bool = True):
+        super().__init__(config)
+        self.keep_pixels = keep_pixels
+        self.image_size = self.config.size or DEFAULT_ARCHITECTURE["size"]
+
+    @classmethod
+    def feeding(cls, stage: Stage, config: IngestConfig | None = None) -> "IngestStage":
+        """The ingest that turns photos into `stage`'s input: crops at the stage's size (or a larger one given,
+        which the stage then reduces), pixels passed on, not stored."""
+        config = config or IngestConfig()
+        size = config.size or stage.image_size
+        if size < stage.image_size:
+            raise ValueError(f"--size {size} is below the {stage.image_size} px {stage.name} needs")
+        return cls(dataclasses.replace(config, size=size), keep_pixels=False)
+
+    def prepare(self, context: Context) -> Provenance:
+        from models.checkpoints import file_sha256
+        from ops.align import LANDMARKS_68, check_backend, face_models_dir
+
+        check_backend(self.config.alignment)  # a missing landmark model fails here, not once per image
+        if self.config.alignment.align != "ffhq":
+            return Provenance()
+        return Provenance(checkpoints={"landmarks": file_sha256(str(face_models_dir() / LANDMARKS_68))})
+
+    def preview_columns(self) -> tuple[str, ...]:
+        return ("original", "image") if self.keep_pixels else ()
+
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        size = self.image_size
+        out = {c: objects([v] * n) for c, v in INGEST_TEXT.items()}
+        out.update(blank_like({c: shape for c, (shape, _) in INGEST_ARRAYS.items()}, n,
+                              {c: t for c, (_, t) in INGEST_ARRAYS.items()}))
+        out["n_faces"][:] = -1
+        out["image"], out["original"] = (np.zeros((n, size, size, 3), np.uint8) for _ in range(2))
+        if self.keep_pixels:
+            out["aligned"] = out["image"]
+        return out
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [ingest_row(k, u, self.image_size, self.config.decode, self.config.alignment)
+                for k, u in zip(batch["key"], batch["uri"])]
+        out = {c: objects([r[c] for r in rows]) for c in ("error_code", "error", *INGEST_TEXT)}
+        out.update({c: np.stack([np.asarray(r[c], dtype=t) for r in rows]) for c, (_, t) in INGEST_ARRAYS.items()})
+        out["image"] = np.stack([r["image"] for r in rows])
+        out["original"] = np.stack([r["original"] for r in rows])
+        if self.keep_pixels:
+            out["aligned"] = out["image"]
+        return out
+
+
+@dataclass(frozen=True)
+class DecodeOnlyConfig:
+    decode: DecodeConfig = DecodeConfig()
+
+
+class DecodeStage(Stage):
+    """Photos -> decoded RGB as lossless PNG bytes (`image`), for stages that take whole photos of any size."""
+
+    name = "decode"
+    Config = DecodeOnlyConfig
+
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        return {"sha256": objects([""] * n), "image": objects([b""] * n)}
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ops.images import encode_png
+
+        rows = [read_row(k, u, self.config.decode) for k, u in zip(batch["key"], batch["uri"])]
+        return {"sha256": objects([r["sha256"] for r in rows]), "error_code": objects([r["error_code"] for r in rows]),
+                "error": objects([r["error"] for r in rows]),
+                "image": objects([encode_png(r["image"]) if r["image"] is not None else b"" for r in rows])}

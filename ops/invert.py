@@ -20,7 +20,8 @@ import functools
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -50,24 +51,26 @@ HYBRID_STEPS = 200
 class InvertConfig:
     """Inversion settings. A field left None takes its space's default from SPACE_DEFAULTS."""
 
-    space: str = "wplus"  # w | wplus | s | fwplus
-    steps: int | None = None  # optimisation steps per image
+    space: str = field(default="wplus", metadata={"cli": False})  # w | wplus | s | fwplus
+    steps: int | None = None  # optimisation steps per image (None: the space's recipe)
     lr: float | None = None  # peak Adam learning rate
-    lr_schedule: str | None = None  # "ramp" (projector) | "constant"
+    lr_schedule: Literal["ramp", "constant"] | None = None  # ramp: the projector's warm-up and cosine decay
     mse_weight: float | None = None  # weight of the full-resolution MSE
-    lpips_weight: float | None = None  # weight of LPIPS at <= 256 px
-    lpips_net: str = "vgg"  # vgg | alex
-    lpips_backbone: str = "imagenet"  # imagenet (torch hub cache) | random (explicit opt-in; recorded per row)
+    lpips_weight: float | None = None  # weight of LPIPS at <= 256 px (0: LPIPS off, no backbone needed)
+    lpips_net: Literal["vgg", "alex"] = "vgg"  # LPIPS backbone network
+    # imagenet: the torchvision weights in the torch hub cache (latentray fetch-weights); random: an explicit
+    # offline opt-in for tests, recorded in every row (not real LPIPS)
+    lpips_backbone: Literal["imagenet", "random"] = "imagenet"
     optimize_noise: bool | None = None  # optimise per-image noise maps (else the generator's constant buffers)
     noise_weight: float | None = None  # weight of the noise autocorrelation penalty
     latent_noise: float | None = None  # exploration noise, as a fraction of sigma_w
     base_level: int = 16  # fwplus: resolution of the base code F
-    f_weight: float | None = None  # fwplus: weight of mean((F - F0)^2)
+    f_weight: float | None = None  # fwplus: weight of mean((F - F0)^2), the base code's anchor to its start
     pnorm_weight: float | None = None  # weight of the P_N+ penalty on W+ (w, wplus, fwplus)
     seed: int = 0  # combined with each key for per-image randomness
     w_stats_samples: int = 10_000  # z samples for w_avg (when the checkpoint has none) and sigma_w
     pnorm_samples: int = 100_000  # z samples for the P-space statistics
-    cache_dir: str | None = None  # where derived statistics are cached by generator id
+    cache_dir: str | None = None  # where derived statistics (P space) are cached by generator id
     autocast: bool = True  # bfloat16 autocast for synthesis and LPIPS on CUDA (never on CPU)
 
     def resolved(self, encoder_start: bool = False) -> "InvertConfig":
@@ -77,7 +80,10 @@ class InvertConfig:
         defaults = SPACE_DEFAULTS[self.space]
         if encoder_start and self.space != "fwplus":
             defaults = {**defaults, "steps": HYBRID_STEPS}
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        out = dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        if not out.lpips_weight and not out.mse_weight:
+            raise ValueError(f"{self.space} inversion needs an image loss: lpips_weight and mse_weight are both 0")
+        return out
 
 
 def key_generator(seed: int, key: str) -> torch.Generator:
@@ -130,7 +136,11 @@ class Inverter:
         self.G, self.encoder, self.identity = G, encoder, identity
         self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
         self.device = G.input.input.device
-        self.perceptual = (perceptual or shared_perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(self.device)
+        self.perceptual = None  # LPIPS off (lpips_weight 0): no backbone needed, the metric is NaN
+        if self.cfg.lpips_weight:
+            self.perceptual = (perceptual or shared_perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(
+                self.device)
+        self.lpips_backbone = self.perceptual.backbone if self.perceptual is not None else "none"
         self.w_avg, self.sigma_w = w_statistics(G, self.cfg.w_stats_samples, self.cfg.seed)
         self.p_stats = None
         if self.cfg.pnorm_weight and self.cfg.space != "s":
@@ -235,9 +245,10 @@ class Inverter:
         if "w" in out:
             out["wplus"] = self.G.to_wplus(out.pop("w")).contiguous()
         out.update(recon=recon, mse=metrics.mse(recon, target), psnr=metrics.psnr(recon, target),
-                   lpips=self.perceptual(recon, target),
+                   lpips=self.perceptual(recon, target) if self.perceptual is not None else
+                   torch.full((b,), float("nan"), device=recon.device),
                    steps=torch.full((b,), cfg.steps), seconds=torch.full((b,), seconds / b),
-                   lpips_net=cfg.lpips_net, lpips_backbone=self.perceptual.backbone)
+                   lpips_net=cfg.lpips_net, lpips_backbone=self.lpips_backbone)
         if self.identity is not None:
             out["id_sim"] = metrics.identity_similarity(self.identity, recon, target)
         if cfg.optimize_noise:

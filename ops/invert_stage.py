@@ -1,21 +1,21 @@
-"""The invert stage as plain Python (stage contract, DESIGN §2): config, setup() once per worker, process(batch).
+"""The invert stage (stage contract, ops/stage.py): images -> latents of a pretrained StyleGAN2, per space.
 
-Input columns: key, status, error_code, error, image (uint8 [B, R, R, 3] at the generator's resolution).
+Input columns: key, status, error_code, error, image (uint8 [B, R, R, 3]; R above the generator's resolution is
+Lanczos-reduced to it, as FFHQ's 1024 crops are for smaller models).
 Output: the same rows in the same order plus, per space, `recon_<space>` (uint8 previews, not stored), the latent
-columns and `<space>_{mse,psnr,lpips,steps,seconds}` of DESIGN §4, and `lpips_net`, `lpips_backbone`. Rows already
-failed pass through untouched (their tensors NaN); a batch whose inversion raises fails its rows with `invert_error`,
-a non-finite latent with `nonfinite_latent`.
+columns and `<space>_{mse,psnr,lpips,steps,seconds}` of DESIGN §4, and `lpips_net`, `lpips_backbone` (`none` when
+LPIPS is off). A non-finite latent fails its row with `nonfinite_latent`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ops.images import to_uint8
-from ops.invert import InvertConfig, Inverter
+from ops.invert import InvertConfig
+from ops.stage import Context, Provenance, Resources, Stage, blank_like, objects
 
 LATENT_COLUMNS = {"w": ("w",), "wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
 METRICS = ("mse", "psnr", "lpips", "steps", "seconds")
@@ -23,111 +23,130 @@ METRICS = ("mse", "psnr", "lpips", "steps", "seconds")
 
 @dataclass(frozen=True)
 class InvertStageConfig:
-    generator: str = ""  # checkpoint path or URI; "" = the bundled default generator
-    spaces: tuple[str, ...] = ("wplus",)  # any of w, wplus, s, fwplus; one column group each
-    steps: int | None = None  # None = each space's default
-    lpips_net: str = "vgg"  # vgg | alex
-    lpips_backbone: str = "imagenet"  # imagenet | random (explicit opt-in, recorded per row)
-    base_level: int = 16  # fwplus base-code resolution
-    basecode_encoder: str = ""  # BDInvert encoder checkpoint for fwplus starts ("" = start from G.base_code(w_avg))
-    seed: int = 0  # per-row randomness = f(seed, key)
-    # Noise maps are not stored, so by default they stay the generator's constant buffers and a stored latent alone
-    # reproduces its row's reconstruction and metrics (True: the projector's per-image noise optimisation).
-    optimize_noise: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    cache_dir: str | None = None  # derived statistics (P-space) cached by generator id
-    extra: dict = field(default_factory=dict)  # further InvertConfig fields, e.g. {"lr": 0.05}
+    generator: str = ""  # checkpoint path or URI (rosinality .pt, NVIDIA .pkl, latentray .pt); "": the bundled one
+    spaces: tuple[str, ...] = ("wplus",)  # any of w, wplus, s, fwplus: one column group each
+    basecode_encoder: str = ""  # BDInvert base-code encoder for fwplus starts ("": G.base_code(w_avg))
+    # Noise maps are not stored, so the stage keeps the generator's constant noise (optimize_noise False) and a
+    # stored latent alone reproduces its row's reconstruction and metrics.
+    invert: InvertConfig = InvertConfig(optimize_noise=False)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def generator_path(path: str) -> str:
+    from models.default_generator import DEFAULT_GENERATOR_PATH
+
+    return path or str(DEFAULT_GENERATOR_PATH)
 
 
-class InvertStage:
+def latent_shapes(G, spaces, base_level: int) -> dict[str, tuple[int, ...]]:
+    """The stored latent columns of these spaces and their per-row shapes."""
+    shapes = {"w": (G.style_dim,), "wplus": (G.n_latent, G.style_dim), "styles": (G.n_styles,),
+              "fwplus_wplus": (G.n_latent, G.style_dim),
+              "fwplus_base_code": (G.channels[base_level], base_level, base_level)}
+    return {c: shapes[c] for space in spaces for c in LATENT_COLUMNS[space]}
+
+
+def schema_metadata(G, base_level: int) -> dict:
+    """What a reader needs to interpret the latent columns (Parquet schema metadata)."""
+    return {"generator_id": G.generator_id, "architecture": G.architecture(), "base_level": base_level,
+            "style_layers": [dataclasses.asdict(layer) for layer in G.style_layers]}
+
+
+class InvertStage(Stage):
     name = "invert"
+    Config = InvertStageConfig
+    resources = Resources(num_cpus=1, num_gpus=1)
     batch_size = 8
+    uses_models = True
 
-    def __init__(self, config: InvertStageConfig):
-        unknown = set(config.spaces) - set(LATENT_COLUMNS)
-        if unknown or not config.spaces:
-            raise ValueError(f"spaces must be a non-empty subset of {sorted(LATENT_COLUMNS)}, got {config.spaces}")
-        self.config = config
+    def __init__(self, config: InvertStageConfig | None = None):
+        super().__init__(config)
+        unknown = set(self.config.spaces) - set(LATENT_COLUMNS)
+        if unknown or not self.config.spaces:
+            raise ValueError(f"spaces must be a non-empty subset of {sorted(LATENT_COLUMNS)}, got "
+                             f"{self.config.spaces}")
+        for space in self.config.spaces:  # a bad recipe (unknown space, no image loss) fails before any row
+            dataclasses.replace(self.config.invert, space=space).resolved()
         self.G = None
 
-    def setup(self) -> None:
-        from models.checkpoints import load_generator
-        from models.default_generator import DEFAULT_GENERATOR_PATH
+    def prepare(self, context: Context) -> Provenance:
+        from models.checkpoints import file_sha256, load_generator
 
         cfg = self.config
-        self.G = load_generator(cfg.generator or str(DEFAULT_GENERATOR_PATH)).to(resolve_device(cfg.device))
+        G = load_generator(generator_path(cfg.generator))
+        if "fwplus" in cfg.spaces:
+            G._check_level(cfg.invert.base_level)
+        upstream_size = ((context.upstream or {}).get("config") or {}).get("size")
+        if upstream_size is not None and upstream_size < G.size:
+            raise ValueError(f"the input was aligned at {upstream_size} px, below the generator's {G.size}; "
+                             f"ingest it again with --size {G.size}")
+        self.image_size = G.size
+        self._shapes = latent_shapes(G, cfg.spaces, cfg.invert.base_level)
+        checkpoints = {"generator": G.generator_id}
+        if cfg.basecode_encoder and "fwplus" in cfg.spaces:
+            checkpoints["basecode_encoder"] = file_sha256(cfg.basecode_encoder)
+        return Provenance(checkpoints=checkpoints, metadata=schema_metadata(G, cfg.invert.base_level))
+
+    def setup(self, device: str = "cpu") -> None:
+        from models.checkpoints import load_generator
+        from ops.invert import Inverter
+        from ops.stage import resolve_device
+
+        cfg = self.config
+        self.G = load_generator(generator_path(cfg.generator)).to(resolve_device(device))
+        self.image_size = self.G.size
+        self._shapes = latent_shapes(self.G, cfg.spaces, cfg.invert.base_level)
         encoder = None
         if cfg.basecode_encoder and "fwplus" in cfg.spaces:
             from models.encoders import load_basecode_encoder
 
             encoder = load_basecode_encoder(cfg.basecode_encoder, generator=self.G).to(self.G.input.input.device)
-        self.inverters = {}
-        for space in cfg.spaces:
-            icfg = InvertConfig(space=space, steps=cfg.steps, lpips_net=cfg.lpips_net, lpips_backbone=cfg.lpips_backbone,
-                                base_level=cfg.base_level, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                                optimize_noise=cfg.optimize_noise, **cfg.extra)
-            self.inverters[space] = Inverter(self.G, icfg, encoder=encoder if space == "fwplus" else None)
+        self.inverters = {space: Inverter(self.G, dataclasses.replace(cfg.invert, space=space),
+                                          encoder=encoder if space == "fwplus" else None)
+                          for space in cfg.spaces}
 
-    def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        G = self.G
-        shapes = {"w": (G.style_dim,), "wplus": (G.n_latent, G.style_dim), "styles": (G.n_styles,),
-                  "fwplus_wplus": (G.n_latent, G.style_dim),
-                  "fwplus_base_code": (G.channels[self.config.base_level], self.config.base_level,
-                                       self.config.base_level)}
-        return {c: shapes[c] for space in self.config.spaces for c in LATENT_COLUMNS[space]}
+    def preview_columns(self) -> tuple[str, ...]:
+        return ("original", "image", *(f"recon_{s}" for s in self.config.spaces))
 
-    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        out = {k: np.array(v, copy=True) for k, v in batch.items()}
-        for column, shape in self.output_shapes().items():
-            out[column] = np.full((n, *shape), np.nan, dtype=np.float32)
-        for space in self.config.spaces:
-            for m in METRICS:
-                out[f"{space}_{m}"] = np.full(n, np.nan, dtype=np.float32)
-        for space in self.config.spaces:  # for previews; not stored (pipelines/io.py NOT_STORED)
-            out[f"recon_{space}"] = np.zeros((n, self.G.size, self.G.size, 3), dtype=np.uint8)
-        out["lpips_net"] = np.full(n, self.config.lpips_net, dtype=object)
-        out["lpips_backbone"] = np.full(n, next(iter(self.inverters.values())).perceptual.backbone, dtype=object)
-        ok = np.flatnonzero(out["status"] == "ok")
-        if ok.size:
-            self._invert_rows(out, ok)
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        size = self.image_size
+        out = blank_like(self._shapes, n)
+        out.update(blank_like({f"{s}_{m}": () for s in self.config.spaces for m in METRICS}, n))
+        out.update({f"recon_{s}": np.zeros((n, size, size, 3), np.uint8) for s in self.config.spaces})
+        out["lpips_net"] = objects([self.config.invert.lpips_net] * n)
+        out["lpips_backbone"] = objects([self.lpips_backbone()] * n)
         return out
 
-    def _invert_rows(self, out: dict[str, np.ndarray], rows: np.ndarray) -> None:
-        images = torch.from_numpy(np.stack(out["image"][rows]).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
-        keys = [str(k) for k in out["key"][rows]]
+    def lpips_backbone(self) -> str:
+        inverters = getattr(self, "inverters", None)
+        if inverters:
+            return next(iter(inverters.values())).lpips_backbone
+        return "none" if self.config.invert.lpips_weight == 0 else self.config.invert.lpips_backbone
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from ops.images import resize_square, to_uint8
+
+        pixels = resize_square(np.stack(batch["image"]), self.G.size)
+        images = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        keys = [str(k) for k in batch["key"]]
+        out = {}
         for space, inverter in self.inverters.items():
-            try:
-                result = inverter.run(images, keys)
-            except Exception as exc:  # a batch-level failure fails its rows, never the job
-                self._fail(out, rows, "invert_error", f"{space} inversion failed: {type(exc).__name__}: {exc}")
-                return
+            result = inverter.run(images, keys)
             for column, value in latent_values(space, result).items():
-                out[column][rows] = value.cpu().numpy()
+                out[column] = value.cpu().numpy()
             for m in METRICS:
-                out[f"{space}_{m}"][rows] = result[m].float().cpu().numpy()
-            out[f"recon_{space}"][rows] = to_uint8(result["recon"])
-        for column in self.output_shapes():
-            values = out[column][rows].reshape(len(rows), -1)
-            bad = rows[~np.isfinite(values).all(axis=1) & (out["status"][rows] == "ok")]
-            self._fail(out, bad, "nonfinite_latent", f"non-finite values in {column}")
-
-    def _fail(self, out, rows, code, message) -> None:
-        """Mark rows failed and blank everything this stage wrote for them (NaN, never null)."""
-        out["status"][rows] = "failed"
-        out["error_code"][rows] = code
-        out["error"][rows] = message
-        for column in [*self.output_shapes(), *(f"{s}_{m}" for s in self.config.spaces for m in METRICS)]:
-            out[column][rows] = np.nan
+                out[f"{space}_{m}"] = result[m].float().cpu().numpy()
+            out[f"recon_{space}"] = to_uint8(result["recon"])
+        finite = np.ones(len(keys), dtype=bool)
+        for column in self._shapes:
+            finite &= np.isfinite(out[column].reshape(len(keys), -1)).all(axis=1)
+        out["error_code"] = objects(["" if ok else "nonfinite_latent" for ok in finite])
+        out["error"] = objects(["" if ok else "non-finite values in the latents" for ok in finite])
+        return out
 
 
-def latent_values(space: str, result: dict) -> dict[str, torch.Tensor]:
+def latent_values(space: str, result: dict):
     """The stored columns of one space from an inversion result."""
     if space == "w":
         return {"w": result["wplus"][:, 0]}
@@ -136,3 +155,24 @@ def latent_values(space: str, result: dict) -> dict[str, torch.Tensor]:
     if space == "s":
         return {"styles": result["styles"]}
     return {"fwplus_wplus": result["wplus"], "fwplus_base_code": result["base_code"]}
+
+
+def latent_source(upstream: dict | None, stage: str) -> dict:
+    """What a stage reading an invert output needs from its run.json: generator path and id, spaces, base level."""
+    if not upstream or upstream.get("stage") != "invert":
+        found = (upstream or {}).get("stage", "no run.json")
+        raise ValueError(f"{stage} reads the output of `latentray invert` (the input is: {found})")
+    config = upstream["config"]
+    return {"generator": config["generator"], "generator_id": upstream["checkpoints_sha256"]["generator"],
+            "spaces": tuple(config["spaces"]), "base_level": config["invert"]["base_level"]}
+
+
+def load_checked_generator(path: str, expected_id: str):
+    """The generator latents were made with (or the one given, which must be the same file)."""
+    from models.checkpoints import load_generator
+
+    G = load_generator(generator_path(path))
+    if G.generator_id != expected_id:
+        raise ValueError(f"generator {generator_path(path)} (id {G.generator_id[:12]}) is not the one these latents "
+                         f"were made with ({expected_id[:12]})")
+    return G

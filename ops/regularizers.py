@@ -69,8 +69,12 @@ def load_or_compute_p_space_stats(G, n: int, seed: int = 0, cache_dir: str | Non
 def pnorm_penalty(wplus: torch.Tensor, stats: PSpaceStats) -> torch.Tensor:
     """mean over rows and channels of v^2, v = Lambda^-1/2 C^T (LReLU_5(w) - mu), per image: [B, L, D] -> [B].
     Its expected value over the generator's own samples is 1; eigenvalues are floored only against division by 0."""
+    from models.stylegan2 import per_sample
+
     floor = stats.eigvals.max() * 1e-12
-    v = ((to_p_space(wplus) - stats.mean) @ stats.eigvecs) * torch.rsqrt(stats.eigvals.clamp_min(floor))
+    centred = to_p_space(wplus) - stats.mean
+    # image by image on CPU: a GEMM's rounding depends on its row count (see per_sample)
+    v = per_sample(lambda x: x @ stats.eigvecs, centred) * torch.rsqrt(stats.eigvals.clamp_min(floor))
     return v.square().mean(dim=tuple(range(1, v.ndim)))
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from models.stylegan2 import per_sample
 from ops.destylize import map_zplus
+from ops.stage import Context, Provenance, Resources, Stage, objects
 
 DEFAULT_WEIGHTS = (0.75,) * 7 + (1.0,) * 11  # structure 0.75 (rows 0-6), colour 1 (rows 7-17); cut to n_latent
 
@@ -23,3 +27,112 @@ def stylize(model, encoder, faces: torch.Tensor, exstyle: torch.Tensor, weights,
     out, _ = model([content], map_zplus(model.generator, ex_z), z_plus_latent=True, truncation=truncation,
                    truncation_latent=0, use_res=True, randomize_noise=False, interp_weights=list(weights))
     return out.clamp(-1, 1)
+
+
+# ----- the stylize stage ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StylizeConfig:
+    dualstylegan: str = ""  # DualStyleGAN generator.pt
+    encoder: str = ""  # Z+ pSp encoder (DualStyleGAN's encoder.pt)
+    exstyles: str = ""  # exstyle_code.npy (or refined_exstyle_code.npy)
+    styles: tuple[str, ...] = ("0",)  # exemplar names, or positions in the exstyles file
+    weights: tuple[float, ...] | None = None  # one per W+ row (None: 0.75 for rows 0-6, structure; 1 after, colour)
+    truncation: float = 0.75  # toward 0
+    preserve_color: bool = False  # keep the face's colours (rows 7- of the extrinsic code come from it)
+
+
+def resolve_styles(codes: dict, style_ids) -> dict:
+    """Exemplars by name or by position in the file (style_transfer.py's --style_id k = k-th entry)."""
+    names = list(codes)
+    chosen = {}
+    for sid in style_ids:
+        name = names[int(sid)] if isinstance(sid, int) or str(sid).isdigit() else str(sid)
+        if name not in codes:
+            raise ValueError(f"exemplar {sid!r} not in the exstyle codes ({len(names)}: {names[:5]}...)")
+        chosen[name] = codes[name]
+    return chosen
+
+
+def load_stylize_models(cfg: StylizeConfig, device="cpu"):
+    """(DualStyleGAN, Z+ encoder, {exemplar name: code}, weights), checked to fit together."""
+    from models.dualstylegan import load_dualstylegan, load_exstyle_codes
+    from models.encoders import load_style_encoder
+
+    model, encoder = load_dualstylegan(cfg.dualstylegan, device), load_style_encoder(cfg.encoder).to(device)
+    n = model.n_latent
+    weights = tuple(cfg.weights) if cfg.weights is not None else DEFAULT_WEIGHTS[:n]
+    if len(weights) != n:
+        raise ValueError(f"weights need {n} values (one per W+ row: 0-6 structure, 7- colour), got {len(weights)}")
+    if encoder.n_styles != n or encoder.styles[0].cout != model.generator.style_dim:
+        raise ValueError(f"encoder emits {encoder.n_styles}x{encoder.styles[0].cout}, DualStyleGAN needs {n}x"
+                         f"{model.generator.style_dim}")
+    return model, encoder, resolve_styles(load_exstyle_codes(cfg.exstyles), cfg.styles), weights
+
+
+class StylizeStage(Stage):
+    """Every face once per exemplar: key `<key>|<style>`, `style`, `image_png` (the official call's output)."""
+
+    name = "stylize"
+    Config = StylizeConfig
+    resources = Resources(num_cpus=1, num_gpus=1)
+    uses_models = True
+    batch_size = 4
+    required = ("dualstylegan", "encoder", "exstyles")
+    image_size = 256
+
+    def prepare(self, context: Context) -> Provenance:
+        from models.checkpoints import file_sha256
+
+        cfg = self.config
+        model, _, styles, _ = load_stylize_models(cfg)
+        self.style_names, self.size = list(styles), model.generator.size
+        return Provenance(checkpoints={c: file_sha256(getattr(cfg, c)) for c in ("dualstylegan", "encoder",
+                                                                                   "exstyles")},
+                          fingerprint={"styles": self.style_names})
+
+    def setup(self, device: str = "cpu") -> None:
+        from ops.stage import resolve_device
+
+        self.model, self.encoder, self.codes, self.weights = load_stylize_models(self.config, resolve_device(device))
+
+    def variants(self) -> list[str]:
+        return self.style_names
+
+    def expand(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().expand(batch)
+        out["style"] = objects([self.style_names[v] for v in out["variant"]])
+        return out
+
+    def preview_columns(self) -> tuple[str, ...]:
+        return ("original", "recon_stylized")
+
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        return {"image_png": objects([b""] * n), "recon_stylized": np.zeros((n, self.size, self.size, 3), np.uint8)}
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ops.images import encode_png, to_uint8
+
+        n = len(batch["key"])
+        out = self.blank(n)
+        device = self.model.generator.input.input.device
+        for v in np.unique(batch["variant"]):
+            rows = np.flatnonzero(batch["variant"] == v)
+            faces = torch.from_numpy(np.stack(batch["image"][rows]).astype(np.float32)).permute(0, 3, 1, 2)
+            code = torch.from_numpy(self.codes[self.style_names[v]])
+            pixels = to_uint8(stylize(self.model, self.encoder, faces.to(device) / 127.5 - 1, code, self.weights,
+                                      self.config.truncation, self.config.preserve_color))
+            out["recon_stylized"][rows] = pixels
+            out["image_png"][rows] = objects([encode_png(p) for p in pixels])
+        return out
+
+    def summary_columns(self) -> tuple[str, ...]:
+        return ("source_key", "style", "status", "image_png")
+
+    def summary_previews(self, table: dict) -> dict[str, np.ndarray]:
+        """styles.png: rows = the first faces, columns = exemplars."""
+        from ops.images import png_grid
+
+        cells = {(f, s): png for f, s, st, png in zip(table["source_key"], table["style"], table["status"],
+                                                      table["image_png"]) if st == "ok"}
+        grid = png_grid(cells, sorted({f for f, _ in cells}), self.style_names)
+        return {"styles": grid} if grid is not None else {}

@@ -3,9 +3,14 @@ No Ray."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 from PIL import Image
+
+from ops.stage import Context, Provenance, Resources, Stage, objects
 
 PREPROCESS = ("resize_and_crop", "none")
 
@@ -29,3 +34,71 @@ def to_uint8_truncated(x: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] as upstream's tensor2im: (x + 1) / 2 * 255 truncated toward
     zero (no rounding, no clamping beyond what tanh already guarantees)."""
     return ((x.detach().float().cpu().permute(0, 2, 3, 1).numpy() + 1) / 2 * 255).astype(np.uint8)
+
+
+# ----- the translate stage -------------------------------------------------------------------------------------------
+THUMB = 64  # preview tiles
+
+
+@dataclass(frozen=True)
+class TranslateConfig:
+    cyclegan: str = ""  # junyanz generator checkpoint, e.g. latest_net_G_A.pth (A->B)
+    column: str = ""  # image column of a stage output to translate (aligned of ingest, image_png of edit, ...)
+    # official test pre-processing: squash to load_size (resize_and_crop), or sides rounded to multiples of 4 (none)
+    preprocess: Literal["resize_and_crop", "none"] = "resize_and_crop"
+    load_size: int = 256  # resize_and_crop size in px
+
+
+class TranslateStage(Stage):
+    """Photos, or an image column of a stage output, through a CycleGAN generator: `translated_png`."""
+
+    name = "translate"
+    Config = TranslateConfig
+    resources = Resources(num_cpus=1, num_gpus=1)
+    uses_models = True
+    required = ("cyclegan",)
+    input_columns = ("key", "status", "error_code", "error", "image")
+
+    def prepare(self, context: Context) -> Provenance:
+        from models.checkpoints import file_sha256
+        from models.cyclegan import load_cyclegan
+
+        G = load_cyclegan(self.config.cyclegan)  # a wrong file fails here, before any row
+        if context.upstream is not None and not self.config.column:
+            raise ValueError("the input is a stage output: name its image column with --column (e.g. aligned, "
+                             "image_png)")
+        return Provenance(checkpoints={"cyclegan": file_sha256(self.config.cyclegan)},
+                          fingerprint={"network": G.config})
+
+    def setup(self, device: str = "cpu") -> None:
+        from models.cyclegan import load_cyclegan
+        from ops.stage import resolve_device
+
+        self.device = resolve_device(device)
+        self.G = load_cyclegan(self.config.cyclegan, self.device)
+
+    def preview_columns(self) -> tuple[str, ...]:
+        return ("original", "recon_translated")
+
+    def blank(self, n: int) -> dict[str, np.ndarray]:
+        return {"translated_png": objects([b""] * n), "original": np.zeros((n, THUMB, THUMB, 3), np.uint8),
+                "recon_translated": np.zeros((n, THUMB, THUMB, 3), np.uint8)}
+
+    def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ops.images import decode_cell, encode_png, thumbnail
+
+        out = self.blank(len(batch["key"]))
+        tensors = []
+        for i, cell in enumerate(batch["image"]):
+            image = decode_cell(cell)
+            out["original"][i] = thumbnail(image, THUMB)
+            tensors.append(preprocess(image, self.config.preprocess, self.config.load_size))
+        by_shape: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):  # `--preprocess none` keeps sizes: each size runs as its own batch
+            by_shape.setdefault(tuple(t.shape), []).append(i)
+        for rows in by_shape.values():
+            with torch.no_grad():
+                images = to_uint8_truncated(self.G(torch.stack([tensors[i] for i in rows]).to(self.device)))
+            for i, image in zip(rows, images):
+                out["translated_png"][i], out["recon_translated"][i] = encode_png(image), thumbnail(image, THUMB)
+        return out

@@ -21,9 +21,12 @@ from models.default_generator import DEFAULT_GENERATOR_PATH, load_default_genera
 from ops.align import AlignConfig
 from ops.geometry import similarity_warp
 from ops.images import to_uint8
+from ops.ingest import IngestConfig
+from ops.invert import InvertConfig
 from ops.invert_stage import InvertStageConfig
-from pipelines.invert import run_invert
+from pipelines import invert
 from pipelines.io import read_dataset
+from pipelines.runtime import RunOptions, run
 
 ENCODER = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")
 
@@ -88,11 +91,13 @@ def main(out: str = "out", steps: int = 300) -> None:
     print("LPIPS: using a RANDOM AlexNet backbone (no ImageNet weights offline); numbers are labelled 'random'.")
     # BDInvert's recipe with its base-code anchor scaled to this low-contrast generator's image loss (10 -> 0.01;
     # tests/test_invert.py::test_bdinvert_recipe_beats_w_plus_on_shifted_and_rotated_images explains the sweep).
-    cfg = InvertStageConfig(spaces=("wplus", "fwplus"), steps=steps, lpips_net="alex", lpips_backbone="random",
-                            basecode_encoder=str(ENCODER), extra={"f_weight": 0.01})
-    for name, align in (("faces", AlignConfig(mode="ffhq")), ("synthetic", AlignConfig(mode="none"))):
+    cfg = InvertStageConfig(spaces=("wplus", "fwplus"), basecode_encoder=str(ENCODER),
+                            invert=InvertConfig(steps=steps, lpips_net="alex", lpips_backbone="random",
+                                                optimize_noise=False, f_weight=0.01))
+    for name, align in (("faces", "ffhq"), ("synthetic", "none")):
         output = out_dir / name
-        stats = run_invert([str(inputs / name)], str(output), cfg, align=align, batch_size=4, overwrite=True)
+        stats = run(invert.ADAPTER, [str(inputs / name)], str(output), cfg, IngestConfig(alignment=AlignConfig(align)),
+                    RunOptions(batch_size=4, overwrite=True))
         # (a rerun with the same configuration resumes: nothing left to do)
         report(output, stats)
     print("The bundled generator is a small untrained StyleGAN2 (random textures, NOT a face model): the faces run\n"

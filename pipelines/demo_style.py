@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 from models.companions import write_all
-from ops.align import AlignConfig
-from ops.destylize import DestylizeConfig
+from ops.destylize import DestylizeConfig, DestylizeStageConfig
+from ops.stylize import StylizeConfig
+from ops.translate import TranslateConfig
+from pipelines import destylize, stylize, translate
 from pipelines.demo import write_face_photos
-from pipelines.style import run_destylize, run_stylize
-from pipelines.translate import run_translate
+from pipelines.runtime import RunOptions, run
 
 
 def main(out: str = "out", steps: int = 100) -> None:
@@ -22,17 +23,16 @@ def main(out: str = "out", steps: int = 100) -> None:
     models = write_all(str(root / "companions"))
     print("LPIPS: using a RANDOM AlexNet backbone (no ImageNet weights offline); companions are untrained.")
     cfg = DestylizeConfig(steps=steps, lpips_net="alex", lpips_backbone="random")
-    ffhq = AlignConfig(mode="ffhq")  # the photo without a face becomes a failed row
-    runs = {
-        "destylized": lambda o: run_destylize([str(photos)], o, models["finetuned"], models["encoder"],
-                                              identity=models["identity"], config=cfg, align=ffhq, overwrite=True),
-        "stylized": lambda o: run_stylize([str(photos)], o, models["dualstylegan"], models["encoder"],
-                                          models["exstyles"], [0, 1, 2], align=ffhq, overwrite=True),
-        "translated": lambda o: run_translate([str(photos)], o, models["cyclegan"], overwrite=True),
+    runs = {  # FFHQ alignment (the default): the photo without a face becomes a failed row
+        "destylized": (destylize.ADAPTER, DestylizeStageConfig(models["finetuned"], models["encoder"],
+                                                               identity=models["identity"], destylize=cfg)),
+        "stylized": (stylize.ADAPTER, StylizeConfig(models["dualstylegan"], models["encoder"], models["exstyles"],
+                                                    styles=("0", "1", "2"))),
+        "translated": (translate.ADAPTER, TranslateConfig(models["cyclegan"])),
     }
-    for name, run in runs.items():
+    for name, (adapter, config) in runs.items():
         output = root / name
-        stats = run(str(output))
+        stats = run(adapter, [str(photos)], str(output), config, options=RunOptions(overwrite=True))
         print(f"  {name}: rows {stats['by_status']}, errors {stats.get('by_error') or 'none'} "
               f"({stats['seconds']:.0f} s); previews in {output / 'previews'}")
     print("For real work pass the official checkpoints: --finetuned/--encoder/--identity (destylize), "

@@ -8,6 +8,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Ray workers started by the tests import stages defined in test modules (fault injection): they inherit this.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH"))
+                                           if p)
 
 
 def reference_file(*parts: str) -> Path:

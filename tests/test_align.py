@@ -118,6 +118,6 @@ def test_face_policies(dlib68):
 
 def test_align_config_rejects_unknown_modes():
     with pytest.raises(ValueError, match="ffhq"):
-        AlignConfig(mode="mtcnn")
-    out = align_image(astronaut(), 32, AlignConfig(mode="none"))
+        AlignConfig(align="mtcnn")
+    out = align_image(astronaut(), 32, AlignConfig(align="none"))
     assert out.image.shape == (32, 32, 3) and out.n_faces == -1

@@ -190,3 +190,20 @@ def test_default_generator_is_small_reproducible_and_in_range():
         for noise in ("const", "random"):
             img = shipped.synthesis(w, noise=noise, generator=torch.Generator().manual_seed(1))
             assert img.abs().max() <= 1.0 and img.std() > 0.05
+
+
+def test_legacy_serialized_rosinality_checkpoint_loads_through_weights_only(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) writes a plain pickle stream (first byte 0x80, like an
+    NVIDIA pickle): it is told apart by content and read with weights_only, giving the same generator."""
+    ref = load_generator(str(reference_file("stylegan2", "rosinality_small.pt")))
+    raw = torch.load(reference_file("stylegan2", "rosinality_small.pt"), weights_only=True)
+    path = tmp_path / "legacy.pt"
+    torch.save(raw, path, _use_new_zipfile_serialization=False)
+    assert path.read_bytes()[:1] == b"\x80"
+    G = load_generator(str(path))
+    assert G.source_format == "rosinality" and same_function(G, ref, tol=0)
+    # a legacy file carrying code is still refused by weights_only
+    torch.save({"g_ema": raw["g_ema"], "payload": os.system}, tmp_path / "evil.pt",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_generator(str(tmp_path / "evil.pt"))

@@ -1,26 +1,97 @@
-"""Options from --config files, --set and pipeline files: precedence, names, validation (no Ray)."""
+"""The CLI generated from the stage Configs: every field is a flag and a --set key with its comment as help and its
+dataclass default; precedence defaults < --config < flags < --set; validation (no Ray)."""
+
+import dataclasses
 
 import pytest
 
-from pipelines.cli import build_parser, main, resolve_args
+from ops.invert import InvertConfig
+from ops.invert_stage import InvertStageConfig
+from pipelines import cli
+from pipelines.cli import ADAPTERS, build_config, build_parser, command_options, main, stage_values
+from pipelines.runtime import RunOptions
+
+
+def resolve(argv):
+    """What `latentray <argv>` would run: (stage config, photos config, run options, values)."""
+    args = build_parser().parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "adapter", "command", "config", "set")}
+    layers = [cli.read_yaml_mapping(args.config)] if args.config else []
+    values = stage_values(args.adapter, [*layers, given, cli.parse_set(args.set)], args.command)
+    options = command_options(args.adapter)
+    stage = build_config(args.adapter.stage.Config, args.adapter.stage.Config(), options, values, "stage")
+    photos = build_config(args.adapter.photos_config, args.adapter.photos_config(), options, values, "photos") \
+        if args.adapter.photos_config else None
+    return stage, photos, build_config(RunOptions, RunOptions(), options, values, "run"), values
+
+
+def test_every_config_field_is_an_option_of_its_command():
+    """Nothing can be set in Python that the command line cannot: each leaf field of each stage's Config (nested
+    ones included) and of RunOptions is an option, once, with a help text."""
+    def leaves(cls, default):
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(type(value), value)
+            elif f.metadata.get("cli", True):
+                yield f.name
+
+    for name, adapter in ADAPTERS.items():
+        options = {o.name: o for o in command_options(adapter)}
+        expected = set(leaves(adapter.stage.Config, adapter.stage.Config())) | set(leaves(RunOptions, RunOptions()))
+        if adapter.photos_config:
+            expected |= set(leaves(adapter.photos_config, adapter.photos_config()))
+        assert set(options) == expected, name
+        assert all(o.help for o in options.values()), [o.name for o in options.values() if not o.help]
+    invert = {o.name: o for o in command_options(ADAPTERS["invert"])}
+    assert {"lpips_weight", "f_weight", "pnorm_weight", "noise_weight", "align", "retry_failed"} <= set(invert)
+    assert "space" not in invert  # set per space by the stage, not an option
+    assert invert["optimize_noise"].default is False  # the stage's own default for the nested recipe
+
+
+def test_defaults_come_from_the_dataclasses_and_help_from_their_comments():
+    stage, photos, run, _ = resolve(["invert", "--input", "a", "--output", "b"])
+    assert stage == InvertStageConfig() and run == RunOptions()
+    assert photos.alignment.align == "ffhq"
+    text = build_parser()._subparsers._group_actions[0].choices["invert"].format_help()
+    assert "weight of LPIPS at <= 256 px (0: LPIPS off, no backbone needed)" in text
+    assert "(auto|cpu|cuda; default auto)" in text and "examples:" in text
 
 
 def test_config_file_sits_below_flags_and_set_above_everything(tmp_path):
     cfg = tmp_path / "invert.yaml"
-    cfg.write_text("input: [photos/]\noutput: out/x\nsteps: 50\nbatch-size: 4\nalign: none\nspaces: wplus,s\n")
-    args = resolve_args(build_parser(), ["invert", "--config", str(cfg), "--steps", "7", "--set", "batch_size=2",
-                                         "--set", "strict-faces=true"])
-    assert args.input == ["photos/"] and args.output == "out/x"
-    assert (args.steps, args.batch_size, args.align, args.spaces, args.strict_faces) == (7, 2, "none", "wplus,s", True)
+    cfg.write_text("input: [photos/]\noutput: out/x\nsteps: 50\nbatch-size: 4\nalign: none\nspaces: wplus,s\n"
+                   "f_weight: 0.5\n")
+    stage, photos, run, values = resolve(["invert", "--config", str(cfg), "--steps", "7", "--set", "batch_size=2",
+                                          "--set", "strict-faces=true", "--set", "lpips_weight=0",
+                                          "--mse-weight", "1"])
+    assert values["input"] == ["photos/"] and values["output"] == "out/x"
+    assert (stage.invert.steps, run.batch_size, photos.alignment.align, stage.spaces) == (7, 2, "none",
+                                                                                         ("wplus", "s"))
+    assert photos.alignment.strict_faces is True
+    assert (stage.invert.lpips_weight, stage.invert.mse_weight, stage.invert.f_weight) == (0.0, 1.0, 0.5)
+    stage, _, run, _ = resolve(["invert", "--input", "a", "--output", "b", "--steps", "3", "--set", "steps=9",
+                                "--no-progress", "--set", "resources={pin: 1}"])
+    assert stage.invert.steps == 9 and run.progress is False and run.resources == {"pin": 1}
 
 
 @pytest.mark.parametrize("bad,match", [(["--set", "stepz=3"], "unknown option 'stepz'"),
                                         (["--set", "align=mtcnn"], "not one of"),
                                         (["--set", "steps=many"], "invalid literal"),
-                                        (["--set", "steps"], "key=value")])
+                                        (["--set", "steps"], "key=value"),
+                                        (["--set", "overwrite=maybe"], "true or false")])
 def test_bad_options_are_errors(bad, match):
     with pytest.raises(ValueError, match=match):
-        resolve_args(build_parser(), ["invert", "--input", "a", "--output", "b", *bad])
+        resolve(["invert", "--input", "a", "--output", "b", *bad])
+
+
+def test_required_options_are_checked_one_way(tmp_path, capsys):
+    assert main(["invert", "--output", "b"]) == 2
+    assert "invert needs --input and --output" in capsys.readouterr().err
+    assert main(["destylize", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "destylize needs --finetuned, --encoder" in capsys.readouterr().err
+    assert main(["edit", "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "edit needs --edits" in capsys.readouterr().err
 
 
 def test_cli_reports_option_errors_without_a_traceback(tmp_path, capsys):
@@ -30,17 +101,55 @@ def test_cli_reports_option_errors_without_a_traceback(tmp_path, capsys):
     pipeline.write_text("stages:\n  - stage: paint\n    input: a\n    output: b\n")
     assert main(["run", str(pipeline)]) == 2
     assert "stage 0: `stage` must be one of" in capsys.readouterr().err
+    # every stage of a run file is checked before the first one runs
+    pipeline.write_text(f"stages:\n  - {{stage: ingest, input: {tmp_path}, output: {tmp_path / 'o'}}}\n"
+                        "  - {stage: invert, input: x, output: y, stepz: 3}\n")
+    assert main(["run", str(pipeline)]) == 2
+    assert "unknown option 'stepz' for `invert`" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-def test_model_stages_take_one_actor_per_gpu_when_the_cluster_has_gpus(monkeypatch):
+def test_model_stages_declare_gpus_and_scale_with_the_cluster(monkeypatch):
+    """GPU actors declare one GPU each and scale from 1 to what the cluster has or its autoscaler can add (also
+    when it has none yet: that demand is what makes it add GPU nodes); --device cpu gives CPU actors."""
+    from ops.invert_stage import InvertStage
+    from pipelines import runtime
+
+    stage = InvertStage()
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0, 8))  # autoscaling cluster, no GPU node yet
+    args, device = runtime.actor_pool(stage, RunOptions())
+    assert (args["compute"].min_size, args["compute"].max_size, args["num_gpus"], device) == (1, 8, 1, "auto")
+    assert args["max_restarts"] == runtime.RETRIES
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0, 0))  # no GPUs anywhere
+    args, device = runtime.actor_pool(stage, RunOptions())
+    assert "num_gpus" not in args and device == "cpu" and args["compute"].max_size == 1
+    args, device = runtime.actor_pool(stage, RunOptions(device="cuda", actors=3, resources={"pin": 1}))
+    assert (args["num_gpus"], args["compute"].max_size, args["resources"], device) == (1, 3, {"pin": 1}, "auto")
+    monkeypatch.setattr(runtime, "cluster_gpus", lambda: (2, 2))
+    assert "num_gpus" not in runtime.actor_pool(stage, RunOptions(device="cpu"))[0]
+
+
+def test_a_local_output_is_refused_on_a_cluster_spanning_hosts(monkeypatch, tmp_path):
     import ray
 
-    from pipelines.invert import RETRIES, actor_pool
+    from pipelines import runtime
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
-    pool = actor_pool(None)
-    assert (pool["compute"].min_size, pool["num_gpus"], pool["max_restarts"]) == (2, 1, RETRIES)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
-    pool = actor_pool(None)
-    assert pool["compute"].min_size == 1 and "num_gpus" not in pool and pool["num_cpus"] == 0.5
-    assert actor_pool(3)["compute"].max_size == 3
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
+                                               {"Alive": True, "NodeManagerAddress": "10.0.0.2"}])
+    monkeypatch.setattr(runtime, "can_add_nodes", lambda: False)
+    with pytest.raises(ValueError, match="local path"):
+        runtime.check_output_location(str(tmp_path), RunOptions())
+    runtime.check_output_location("s3://bucket/out", RunOptions())
+    runtime.check_output_location(str(tmp_path), RunOptions(shared_output=True))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}] * 2)
+    runtime.check_output_location(str(tmp_path), RunOptions())  # several nodes, one host (one disk)
+    monkeypatch.setattr(runtime, "can_add_nodes", lambda: True)  # an autoscaler may add hosts later
+    with pytest.raises(ValueError, match="local path"):
+        runtime.check_output_location(str(tmp_path), RunOptions())
+
+
+def test_invert_recipe_fields_reach_the_engine():
+    stage, _, _, _ = resolve(["invert", "--input", "a", "--output", "b", "--set", "f_weight=0.01",
+                              "--spaces", "fwplus", "--lr", "0.05"])
+    resolved = dataclasses.replace(stage.invert, space="fwplus").resolved()
+    assert (resolved.f_weight, resolved.lr, resolved.steps, resolved.optimize_noise) == (0.01, 0.05, 1200, False)
+    assert InvertConfig().optimize_noise is None  # the engine keeps the space's recipe

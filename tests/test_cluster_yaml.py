@@ -17,3 +17,5 @@ def test_cluster_yaml_matches_rays_schema_and_has_a_gpu_pool():
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["min_workers"] == 0 and workers["max_workers"] >= 1
     assert config["docker"]["image"].startswith("rayproject/ray:" + ray.__version__)
+    assert workers["resources"]["GPU"] >= 1  # the autoscaler must know a GPU actor fits a gpu_worker
+    assert any(c.startswith("latentray fetch-weights") for c in config["setup_commands"])  # workers never download

@@ -7,9 +7,11 @@ import torch
 
 from models.default_generator import load_default_generator
 from ops.align import center_crop_resize
+from ops.invert import InvertConfig
 from ops.invert_stage import InvertStage, InvertStageConfig
 
-CFG = InvertStageConfig(spaces=("wplus", "fwplus"), steps=4, base_level=8, lpips_net="alex", lpips_backbone="random")
+CFG = InvertStageConfig(spaces=("wplus", "fwplus"),
+                        invert=InvertConfig(steps=4, base_level=8, lpips_net="alex", lpips_backbone="random"))
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,33 @@ def test_row_result_does_not_depend_on_its_batch(stage):
 def test_bad_config_raises_before_any_row():
     with pytest.raises(ValueError, match="spaces must be"):
         InvertStage(InvertStageConfig(spaces=("z",)))
+    with pytest.raises(ValueError, match="needs an image loss"):
+        InvertStage(InvertStageConfig(invert=InvertConfig(lpips_weight=0)))  # W+ has no MSE by default
+
+
+def test_mse_only_inversion_needs_no_lpips_backbone(tmp_path, monkeypatch):
+    """lpips_weight 0: no backbone is built (an empty torch hub cache is fine), the LPIPS metric is NaN and the
+    rows say `none`; the other metrics are real."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no ImageNet weights here: building LPIPS would refuse
+    stage = InvertStage(InvertStageConfig(invert=InvertConfig(steps=3, lpips_weight=0, mse_weight=1)))
+    stage.setup("cpu")
+    out = stage.process(rows(2, failed=[1]))
+    assert list(out["status"]) == ["ok", "failed"] and set(out["lpips_backbone"]) == {"none"}
+    assert np.isnan(out["wplus_lpips"]).all() and np.isfinite(out["wplus_psnr"][0])
+
+
+def test_larger_crops_are_reduced_to_the_generator_resolution(stage):
+    """A 128-px crop of a 64-px model's image is Lanczos-reduced first: same result as giving the 64-px image."""
+    from PIL import Image
+
+    batch = rows(1)
+    big = np.asarray(Image.fromarray(batch["image"][0]).resize((128, 128), Image.LANCZOS))
+    small = np.asarray(Image.fromarray(big).resize((64, 64), Image.LANCZOS))
+    a = stage.process({**batch, "image": big[None]})
+    b = stage.process({**batch, "image": small[None]})
+    assert np.array_equal(a["wplus"], b["wplus"])
+    out = stage.process({**batch, "image": batch["image"][:, :32, :32]})  # too small: the row fails, says why
+    assert out["status"][0] == "failed" and "cannot feed" in out["error"][0]
 
 
 def test_center_crop_resize_box():

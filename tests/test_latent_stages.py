@@ -60,7 +60,9 @@ def test_edit_rows_and_defining_properties(stages):
     assert len(rows) == 3 * 9  # 3 sources x 9 (edit, strength) pairs, each exactly once
     status = edits.column("status").to_pylist()
     code = edits.column("error_code").to_pylist()
-    assert {code[i] for k, i in rows.items() if k.startswith("ok.jpg|")} == {"source_not_ok"}
+    # a source row that failed keeps its first failure in every edit row made from it
+    assert {(status[i], code[i]) for k, i in rows.items() if k.startswith("ok.jpg|")} == {("failed", "no_face")}
+    assert set(edits.column("source_key").to_pylist()) == set(source)
     assert status[rows["face.png|geometric|1"]] == "skipped" and code[rows["face.png|geometric|1"]] == "not_applicable"
     wplus, styles = tensor(edits, "wplus"), tensor(edits, "styles")
     src_w, other_w = tensor(latents, "wplus")[source["face.png"]], tensor(latents, "wplus")[source["two_faces.jpg"]]
@@ -134,26 +136,65 @@ def test_channel_edits_can_take_the_std_of_a_channels_output(stages):
     np.testing.assert_allclose(s_plus[index] - source, 10 * pop["std"][index], rtol=1e-4, atol=1e-6)
 
 
+def channels_stage(root, **config):
+    """A ChannelsStage prepared on the latents output, as the runtime prepares it (no Ray)."""
+    from ops.channels import ChannelsConfig, ChannelsStage
+    from pipelines.runtime import StageOutput
+
+    stage = ChannelsStage(ChannelsConfig(**config))
+    source = StageOutput(str(root / "latents"))
+    stage.prepare(source.context())
+    source.describe(stage)
+    return stage, source
+
+
 def test_population_of_w_plus_latents_goes_through_the_generator(stages):
-    from models.default_generator import DEFAULT_GENERATOR_PATH
-    from pipelines.latents import population_stats
+    """The channels aggregate on W+ rows (S computed by the generator), fed in batches of 1 and 2 in either order,
+    equals numpy's statistics of S: partial/merge are exact whatever the batching."""
+    import dataclasses
+
+    from pipelines.io import columns_of, read_dataset
 
     root, G = stages
-    latents = read_parts(root / "latents")
-    ok = np.array([s == "ok" for s in latents.column("status").to_pylist()])
+    stage, _ = channels_stage(root)
+    stage.column = "wplus"  # the dataset also holds S; take the W+ path on purpose
+    stage.uses_models = True
+    stage.setup("cpu")
+    table = columns_of(read_dataset(str(root / "latents"), ["key", "status", "wplus"]))
+    ok = table["status"] == "ok"
     with torch.no_grad():
-        s = G.styles_to_vector(G.styles(torch.from_numpy(tensor(latents, "wplus")[ok]))).double().numpy()
-    stats = population_stats(str(root / "latents"), "wplus", str(DEFAULT_GENERATOR_PATH))
-    assert stats.count == 2
-    np.testing.assert_allclose(stats.mean_, s.mean(0), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(stats.std(), s.std(0), rtol=1e-4, atol=1e-6)
+        s = G.styles_to_vector(G.styles(torch.from_numpy(table["wplus"][ok]))).double().numpy()
+    batches = [{c: v[i:i + 1] for c, v in table.items()} for i in range(len(ok))]
+    states = [stage.partial(b) for b in batches]
+    merged = states[-1]
+    for state in reversed(states[:-1]):
+        merged = stage.merge(merged, state)
+    whole = stage.partial(table)
+    for state in (merged, whole):
+        pop = stage.finish(state).tables["population_stats"]
+        assert set(pop["count"]) == {2}
+        np.testing.assert_allclose(pop["mean"], s.mean(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(pop["std"], s.std(0), rtol=1e-4, atol=1e-6)
+    assert dataclasses.asdict(stage.config)["exemplars"] == ""
 
 
 def test_exemplars_can_be_chosen_by_a_condition_on_a_column(stages):
-    from pipelines.latents import filter_keys
+    root, _ = stages
+    assert channels_stage(root, exemplar_filter="n_faces == 2")[0].exemplar_keys == {"two_faces.jpg"}
+    assert channels_stage(root, exemplar_filter="wplus_psnr > 0")[0].exemplar_keys == {"face.png", "two_faces.jpg"}
+    with pytest.raises(ValueError, match="op in"):
+        channels_stage(root, exemplar_filter="n_faces ~ 2")
+
+
+def test_rerunning_the_pipeline_file_does_nothing(stages, capsys):
+    """Every stage of the run file resumes to nothing left: no part rewritten, the aggregate not recomputed."""
+    import json
 
     root, _ = stages
-    assert filter_keys(str(root / "latents"), "n_faces == 2") == ["two_faces.jpg"]
-    assert sorted(filter_keys(str(root / "latents"), "wplus_psnr > 0")) == ["face.png", "two_faces.jpg"]
-    with pytest.raises(ValueError, match="op in"):
-        filter_keys(str(root / "latents"), "n_faces ~ 2")
+    outputs = ("latents", "edits", "moved", "channels", "channel_edit")
+    before = {p: p.stat().st_mtime_ns for o in outputs for p in (root / o).glob("*.parquet")}
+    capsys.readouterr()
+    assert main(["run", str(root / "pipeline.yaml")]) == 0
+    assert {p: p.stat().st_mtime_ns for o in outputs for p in (root / o).glob("*.parquet")} == before
+    assert capsys.readouterr().out.count("no new rows") == 4
+    assert json.loads((root / "channels" / "stats.json").read_text())["population"] == 2

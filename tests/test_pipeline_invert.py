@@ -126,8 +126,9 @@ def test_ffhq_alignment_accounts_for_faces_and_no_faces(tmp_path):
     assert 175 < cx < 265 and 76 < cy < 190
     assert list((out / "previews").glob("*.png"))
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["align"]["mode"] == "ffhq" and len(run["checkpoints_sha256"]["landmarks"]) == 64
-    assert {"torch", "ray", "dlib-bin"} <= set(run["versions"])
+    assert run["prepare"]["config"]["alignment"]["align"] == "ffhq"
+    assert len(run["prepare_checkpoints"]["landmarks"]) == 64
+    assert {"torch", "ray", "dlib-bin"} <= set(run["runs"][-1]["versions"]) and run["schema_version"] == 2
     strict = tmp_path / "strict"
     assert main(["invert", "--input", str(photos / "two_faces.jpg"), "--output", str(strict), "--align", "ffhq",
                  "--strict-faces", *fast]) == 0

@@ -65,7 +65,9 @@ def test_stylized_faces_by_style(run):
     keys = sorted(table.column("key").to_pylist())
     assert keys == [f"{k}|{s}" for k in ("face.png", "ok.jpg", "text.jpg") for s in ("style0.png", "style2.png")]
     status = dict(zip(table.column("key").to_pylist(), table.column("status").to_pylist()))
-    assert status["face.png|style2.png"] == "ok" and status["ok.jpg|style0.png"] == "skipped"
+    codes = dict(zip(table.column("key").to_pylist(), table.column("error_code").to_pylist()))
+    assert status["face.png|style2.png"] == "ok" and status["ok.jpg|style0.png"] == "failed"
+    assert codes["ok.jpg|style0.png"] == "no_face" and codes["text.jpg|style2.png"] == "decode_error"  # kept
     # the stored image is the official call on the aligned face: G([E(face)], map(code), z+, 0.75, weights)
     aligned = read_parts(root / "pairs")  # same alignment (ffhq at 256) as the destylize run
     face = decode_png(aligned.column("portrait_png")[aligned.column("key").to_pylist().index("face.png")].as_py())
@@ -84,17 +86,20 @@ def test_stylized_faces_by_style(run):
 
 
 def test_a_batch_that_cannot_be_destylized_fails_its_rows_not_the_job(run):
-    from ops.destylize import DestylizeConfig
-    from pipelines.style import DestylizeActor
+    from ops.destylize import DestylizeConfig, DestylizeStage, DestylizeStageConfig
+    from ops.stage import Context
 
     root, models = run
-    from models.default_generator import DEFAULT_GENERATOR_PATH
-
-    actor = DestylizeActor(str(DEFAULT_GENERATOR_PATH), models["finetuned"], models["encoder"], "", DestylizeConfig(steps=1, lr=float("nan"),
-                           lpips_net="alex", lpips_backbone="random"), "cpu")
-    image = np.zeros((1, 256, 256, 3), np.uint8)
-    batch = {"key": np.array(["k"], dtype=object), "status": np.array(["ok"], dtype=object),
-             "error_code": np.array([""], dtype=object), "error": np.array([""], dtype=object), "image": image}
-    out = actor(batch)
+    stage = DestylizeStage(DestylizeStageConfig(models["finetuned"], models["encoder"], destylize=DestylizeConfig(
+        steps=1, lr=float("nan"), lpips_net="alex", lpips_backbone="random")))
+    stage.prepare(Context())
+    stage.setup("cpu")
+    image = np.zeros((2, 256, 256, 3), np.uint8)
+    batch = {"key": np.array(["k", "gone"], dtype=object), "status": np.array(["ok", "failed"], dtype=object),
+             "error_code": np.array(["", "read_error"], dtype=object), "error": np.array(["", "x"], dtype=object),
+             "image": image}
+    out = stage.process(batch)
     assert (out["status"][0], out["error_code"][0]) == ("failed", "destylize_error")
+    assert "learning rate" in out["error"][0]
     assert np.isnan(out["z_i"][0]).all() and out["face_png"][0] == b""
+    assert (out["status"][1], out["error_code"][1], out["error"][1]) == ("failed", "read_error", "x")  # untouched

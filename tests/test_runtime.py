@@ -1,0 +1,266 @@
+"""The one runtime: keys that never collide silently, quarantine instead of deletion, storage errors never taken
+for damage, an output lock, transient failures retried by a rerun, --retry-failed, atomic JSON, versioned
+outputs with their history, fetch-weights."""
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import read_parts, tensor
+from ops.invert import InvertConfig
+from ops.invert_stage import InvertStage, InvertStageConfig
+from pipelines import invert, io
+from pipelines.cli import main
+from pipelines.lock import OutputLock, OutputLocked
+from pipelines.runtime import Photos, RunOptions, run, run_stage
+from test_faults import ENV, NO_ALIGN, REPO, stored_keys, wait_for, write_samples
+
+CFG = InvertStageConfig(invert=InvertConfig(steps=2, lpips_net="alex", lpips_backbone="random", optimize_noise=False))
+FAST = ["--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random", "--steps", "2"]
+
+
+def statuses(out: Path) -> dict:
+    table = read_parts(out)
+    return dict(zip(table.column("key").to_pylist(), zip(table.column("status").to_pylist(),
+                                                       table.column("error_code").to_pylist())))
+
+
+# ----- keys --------------------------------------------------------------------------------------------------------
+def test_several_input_folders_keep_every_file_under_its_folder_name(tmp_path):
+    write_samples(tmp_path / "day1", 2)
+    write_samples(tmp_path / "day2", 2, seed=1)  # the same file names
+    out = tmp_path / "out"
+    assert main(["invert", "--input", str(tmp_path / "day1"), "--input", str(tmp_path / "day2"), "--output",
+                 str(out), *FAST]) == 0
+    assert sorted(stored_keys(out)) == ["day1/00.png", "day1/01.png", "day2/00.png", "day2/01.png"]
+
+
+def test_two_inputs_with_one_key_are_refused_naming_both(tmp_path, capsys):
+    write_samples(tmp_path / "a" / "photos", 1)
+    write_samples(tmp_path / "b" / "photos", 1)
+    out = tmp_path / "out"
+    assert main(["invert", "--input", str(tmp_path / "a" / "photos"), "--input", str(tmp_path / "b" / "photos"),
+                 "--output", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "a" / "photos" / "00.png") in err and str(tmp_path / "b" / "photos" / "00.png") in err
+    assert not out.exists()  # refused before any row
+
+
+# ----- resume: quarantine, storage errors ---------------------------------------------------------------------------
+def test_a_damaged_part_is_quarantined_with_its_bytes_and_its_rows_redone(tmp_path):
+    names = write_samples(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    options = RunOptions(batch_size=2, progress=False)
+    run(invert.ADAPTER, [tmp_path / "in"], out, CFG, NO_ALIGN, options)
+    part = sorted(out.glob("part-*.parquet"))[0]
+    lost = io.read_part_index(io.url_to_fs(str(out))[0], str(part), "key").units
+    damaged = part.read_bytes()[: len(part.read_bytes()) // 2]
+    part.write_bytes(damaged)
+    stats = run(invert.ADAPTER, [tmp_path / "in"], out, CFG, NO_ALIGN, options)
+    kept = out / "quarantine" / part.name
+    assert kept.read_bytes() == damaged and stats["quarantined"] == [str(kept)]
+    assert stats["already_done"] == 2 and stats["rows_processed"] == len(lost) == 2
+    assert sorted(stored_keys(out)) == names
+    assert json.loads((out / "stats.json").read_text())["quarantined"] == [str(kept)]
+
+
+def test_storage_errors_are_retried_and_never_taken_for_damage(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    write_samples(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    run(invert.ADAPTER, [tmp_path / "in"], out, CFG, NO_ALIGN, RunOptions(progress=False))
+    parts = sorted(out.glob("part-*.parquet"))
+    monkeypatch.setattr(io, "READ_BACKOFF", 0.0)
+    real, calls = pq.ParquetFile, {"n": 0}
+
+    def flaky(source, *a, **kw):  # a throttled store: two timeouts, then an answer
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise TimeoutError("read timed out")
+        return real(source, *a, **kw)
+
+    monkeypatch.setattr(io.pq, "ParquetFile", flaky)
+    scan = io.scan_output(str(out), "key")
+    assert calls["n"] > 2 and len(scan.parts) == len(parts) and not scan.quarantined
+
+    def forbidden(source, *a, **kw):  # a store that keeps refusing (403)
+        raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(io.pq, "ParquetFile", forbidden)
+    with pytest.raises(io.StorageError, match="403 Forbidden.*nothing was changed"):
+        io.scan_output(str(out), "key")
+    assert sorted(out.glob("part-*.parquet")) == parts and not (out / "quarantine").exists()
+
+
+# ----- transient failures ------------------------------------------------------------------------------------------
+class OutOfMemoryOnce(InvertStage):
+    """Runs out of memory whenever a batch holds `01.png`, while the file `marker` exists (the first run)."""
+
+    marker = ""
+
+    def compute(self, batch):
+        if "01.png" in list(batch["key"]) and os.path.exists(self.marker):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().compute(batch)
+
+
+def test_a_transient_failure_is_retried_by_the_rerun_and_nothing_else_is(tmp_path):
+    names = write_samples(tmp_path / "in", 4)
+    out, marker = tmp_path / "out", tmp_path / "first-run"
+    marker.touch()
+    stage = OutOfMemoryOnce(CFG)
+    stage.marker = str(marker)
+
+    def once():
+        return run_stage(stage, Photos([str(tmp_path / "in")], prepare=lambda s: invert.ADAPTER.photos(s, NO_ALIGN)),
+                         str(out), RunOptions(batch_size=2, progress=False))
+
+    first = once()
+    # the batch [00, 01] ran out of memory; halved, 00 succeeded alone and 01 failed alone, transiently
+    assert statuses(out) == {"00.png": ("ok", ""), "01.png": ("failed", "out_of_memory"), "02.png": ("ok", ""),
+                             "03.png": ("ok", "")}
+    assert first["by_error"] == {"out_of_memory": 1}
+    before = {k: v for k, v in zip(stored_keys(out), tensor(read_parts(out), "wplus"))}
+    marker.unlink()
+    second = once()
+    assert (second["redone"], second["already_done"], second["rows_processed"]) == (1, 3, 1)
+    assert sorted(stored_keys(out)) == names and set(statuses(out).values()) == {("ok", "")}
+    after = {k: v for k, v in zip(stored_keys(out), tensor(read_parts(out), "wplus"))}
+    assert all(np.array_equal(before[k], after[k]) for k in ("00.png", "02.png", "03.png"))
+    assert once()["rows_processed"] == 0  # and a third run has nothing left to do
+
+
+def test_permanent_failures_are_redone_only_with_retry_failed(tmp_path):
+    write_samples(tmp_path / "in", 2)
+    (tmp_path / "in" / "late.png").write_bytes(b"still uploading")
+    out = tmp_path / "out"
+    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]) == 0
+    assert statuses(out)["late.png"] == ("failed", "decode_error")
+    write_samples(tmp_path / "fixed", 1, seed=5)
+    (tmp_path / "fixed" / "00.png").replace(tmp_path / "in" / "late.png")
+    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]) == 0
+    assert statuses(out)["late.png"] == ("failed", "decode_error")  # permanent: a plain rerun keeps it
+    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST, "--retry-failed"]) == 0
+    assert statuses(out)["late.png"] == ("ok", "") and len(stored_keys(out)) == 3
+    assert json.loads((out / "stats.json").read_text())["redone"] == 1
+
+
+# ----- the lock ----------------------------------------------------------------------------------------------------
+def test_a_second_run_on_an_output_in_use_exits_at_once_naming_the_holder(tmp_path, capsys):
+    names = write_samples(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipelines.cli", "invert", "--input", str(tmp_path / "in"), "--output", str(out),
+           "--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random", "--steps", "30",
+           "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, timeout=240)
+        assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST[:-2], "--steps",
+                     "30"]) == 3
+        err = capsys.readouterr().err
+        assert f"in use by another run: pid {proc.pid} on" in err and "--wait" in err
+        assert proc.poll() is None  # the first run was still writing when the second was refused
+    finally:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert sorted(stored_keys(out)) == names and not (out / "_lock.json").exists()
+
+
+def test_a_stale_lease_is_taken_over_and_wait_waits(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lock.json").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "started": 0,
+                                                "refreshed": 0, "token": "old"}))
+    with OutputLock(str(out)) as lock:  # the holder's process is gone: taken over
+        assert json.loads((out / "_lock.json").read_text())["token"] == lock.lease["token"]
+        with pytest.raises(OutputLocked, match="in use"):
+            OutputLock(str(out)).acquire()
+        waiter = OutputLock(str(out), wait=True, poll=0.05)
+        thread = threading.Thread(target=waiter.acquire)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting while held
+    thread.join(5)
+    assert not thread.is_alive() and json.loads((out / "_lock.json").read_text())["token"] == waiter.lease["token"]
+    waiter.release()
+    lease = {"host": "elsewhere", "pid": 1, "started": 0, "refreshed": 0, "token": "t"}
+    assert OutputLock(str(out), ttl=60).is_stale(lease)  # another host, not refreshed for longer than the TTL
+
+
+# ----- provenance --------------------------------------------------------------------------------------------------
+def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
+    io.write_json(str(tmp_path), "run.json", {"runs": [1]})
+
+    class Exploding(dict):
+        def items(self):
+            raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        io.write_json(str(tmp_path), "run.json", {"runs": [1, 2], "x": Exploding(a=1)})
+    from fsspec.implementations.local import LocalFileSystem
+
+    monkeypatch.setattr(LocalFileSystem, "mv", lambda *a, **k: (_ for _ in ()).throw(OSError("power cut")))
+    with pytest.raises(OSError):
+        io.write_json(str(tmp_path), "run.json", {"runs": [1, 2, 3]})
+    assert json.loads((tmp_path / "run.json").read_text()) == {"runs": [1]}
+
+
+def test_outputs_are_versioned_and_keep_their_history(tmp_path, capsys):
+    write_samples(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    args = ["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]
+    assert main(args) == 0 and main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["schema_version"] == io.SCHEMA_VERSION and len(record["runs"]) == 2
+    assert all(r["code_version"].startswith("0.1.0") and "finished" in r for r in record["runs"])
+    # an output written by a latentray of another schema is never resumed into
+    record.update(schema_version=1, fingerprint="0123456789abcdef")
+    (out / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(args) == 2 and "schema 1 (this latentray writes schema 2)" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["runs"][0]["overwritten"]["schema_version"] == 1 and len(record["runs"]) == 2
+    assert stored_keys(out) == ["00.png"]
+
+
+# ----- fetch-weights -----------------------------------------------------------------------------------------------
+@pytest.fixture()
+def weight_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_fetch_weights_downloads_checks_the_hash_and_fails_clearly_offline(weight_server, tmp_path, monkeypatch,
+                                                                           capsys):
+    served, url = weight_server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = os.urandom(1000)
+    good = f"tiny-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (served / good).write_bytes(data)
+    (served / "bad-00000000.pth").write_bytes(data)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert main(["fetch-weights", good, "--base-url", url]) == 0
+    assert (cache / good).read_bytes() == data
+    assert main(["fetch-weights", "bad-00000000.pth", "--base-url", url]) == 2  # hash prefix does not match
+    assert not (cache / "bad-00000000.pth").exists()
+    capsys.readouterr()
+    assert main(["fetch-weights", "vgg", "--base-url", "http://127.0.0.1:9/"]) == 2  # nothing listens: offline
+    err = capsys.readouterr().err
+    assert "vgg16-397923af.pth" in err and str(cache) in err
