@@ -25,6 +25,8 @@ demo-style: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_generator.py
 	$(PY) benchmarks/bench_invert.py
+	$(PY) benchmarks/bench_device_path.py
+	$(PY) benchmarks/bench_bdinvert.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_channels.py
 	$(PY) benchmarks/bench_destylize.py

@@ -70,7 +70,7 @@ def dualstylegan(G, seed: int = 4) -> DualStyleGAN:
 
 def cyclegan(seed: int = 6):
     """A junyanz ResNet generator (ngf 8, 2 blocks) with the official N(0, 0.02) init and seeded biases."""
-    from models.cyclegan import ResnetGenerator
+    from models.translation import ResnetGenerator
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -61,10 +61,12 @@ class Perceptual(nn.Module):
         self.net, self.backbone = net, backbone
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        from models.stylegan2 import is_batch_invariant
+
         a, b = box_downsample(a), box_downsample(b)
-        if a.device.type != "cpu":
+        if not is_batch_invariant(a.device):
             return self.lpips(a, b).reshape(-1)
-        # Image by image on CPU so that a distance (and its gradient) does not depend on the batch (see per_sample).
+        # Image by image, so that a distance (and its gradient) does not depend on the batch (see batch_invariance).
         return torch.cat([self.lpips(x, y).reshape(-1) for x, y in zip(a.split(1), b.split(1))])
 
 

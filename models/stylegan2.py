@@ -20,6 +20,8 @@ Images are NCHW in the [-1, 1] scale (not clamped: the official networks have no
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -63,19 +65,56 @@ class PixelNorm(nn.Module):
         return z * torch.rsqrt(torch.mean(z * z, dim=1, keepdim=True) + 1e-8)
 
 
-def rowwise_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [B, I] @ weight[O, I]^T with a summation order that does not depend on B.
+# Batch invariance: on CPU, oneDNN picks a convolution's algorithm (and a GEMM's kernel, and so their rounding) by
+# batch size, and inversion amplifies even 1e-7 differences over many Adam steps. Invariant mode computes every
+# image on its own (per_sample) and every affine as a row-wise product, so an image's result never depends on its
+# batch; batched mode makes one call per batch (what a GPU wants). None: invariant on CPU, batched elsewhere.
+_BATCH_INVARIANT: contextvars.ContextVar = contextvars.ContextVar("latentray_batch_invariant", default=None)
 
-    A GEMM picks its kernel (and so its rounding) by batch size; inversion must give an image the same latent
-    whether it is optimised alone or in a batch, and Adam amplifies even 1e-7 differences over many steps.
-    """
+
+@contextlib.contextmanager
+def batch_invariance(enabled: bool | None):
+    """Within the block: per-image computations when True, batched calls when False, the device's default (None)."""
+    token = _BATCH_INVARIANT.set(enabled)
+    try:
+        yield
+    finally:
+        _BATCH_INVARIANT.reset(token)
+
+
+def is_batch_invariant(device: torch.device) -> bool:
+    enabled = _BATCH_INVARIANT.get()
+    return device.type == "cpu" if enabled is None else enabled
+
+
+# Memory format of the activations: NHWC (channels last) makes the convolutions of large generators faster
+# (measured in BENCHMARKS.md); the format follows from the first activation (the constant input, or a base code).
+_CHANNELS_LAST: contextvars.ContextVar = contextvars.ContextVar("latentray_channels_last", default=False)
+
+
+@contextlib.contextmanager
+def channels_last(enabled: bool):
+    token = _CHANNELS_LAST.set(enabled)
+    try:
+        yield
+    finally:
+        _CHANNELS_LAST.reset(token)
+
+
+def activation_format(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST.get() else x
+
+
+def rowwise_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [B, I] @ weight[O, I]^T with a summation order that does not depend on B (a GEMM batched otherwise)."""
+    if not is_batch_invariant(x.device):
+        return x @ weight.t()
     return (x[:, None, :] * weight[None]).sum(dim=-1)
 
 
 def per_sample(conv, x: torch.Tensor) -> torch.Tensor:
-    """Apply `conv` image by image on CPU: oneDNN picks its algorithm (and rounding) by batch size, so a batched
-    call would make an image's result depend on its batch. On other devices the batch runs as one call."""
-    if x.device.type != "cpu" or x.shape[0] == 1:
+    """Apply `conv` image by image in invariant mode (see batch_invariance), else to the whole batch at once."""
+    if x.shape[0] == 1 or not is_batch_invariant(x.device):
         return conv(x)
     return torch.cat([conv(t) for t in x.split(1)])
 
@@ -84,7 +123,7 @@ class EqualLinear(nn.Module):
     """Fully connected layer with equalised learning rate: weight stored as randn/lr_mul, scaled at run time.
 
     `activate=True` fuses bias + leaky ReLU(0.2) * sqrt(2), as the mapping network does. `batch_invariant=True`
-    (style affines, which inversion differentiates through) uses `rowwise_matvec` instead of a GEMM.
+    (style affines, which inversion differentiates through) uses `rowwise_matvec` (a GEMM in batched mode).
     """
 
     def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0, lr_mul: float = 1.0, activate: bool = False,
@@ -115,7 +154,7 @@ class ConstantInput(nn.Module):
         self.input = nn.Parameter(torch.randn(1, channels, size, size))
 
     def forward(self, batch: int) -> torch.Tensor:
-        return self.input.expand(batch, -1, -1, -1)
+        return activation_format(self.input.expand(batch, -1, -1, -1))
 
 
 class Blur(nn.Module):
@@ -413,7 +452,7 @@ class Generator(nn.Module):
                 continue
             up, conv, rgb = self.convs[2 * k], self.convs[2 * k + 1], self.to_rgbs[k]
             if restart_feature is not None and res == start:
-                x, skip = restart_feature, None
+                x, skip = activation_format(restart_feature), None
             else:
                 x = up(x, styles[f"convs.{2 * k}"], noises[2 * k + 1])
                 if res == stop_after_up:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.perceptual import box_downsample
-from models.stylegan2 import per_sample
+from models.stylegan2 import batch_invariance, per_sample
 from ops.invert import key_generator, per_image_randn, projector_lr, shared_perceptual
 from ops.regularizers import noise_regularizer, normalize_noise_
 from ops.stage import Context, Provenance, Resources, Stage, blank_like, objects
@@ -43,6 +43,8 @@ class DestylizeConfig:
     truncation: float = 0.7  # toward 0, for the realistic faces (as every DualStyleGAN script)
     colour_row: int = 8  # W+ rows from this one on keep the encoder's code (colour; destylize.py uses 8)
     seed: int = 0  # combined with each key for the per-image noise maps
+    # per-image computations so a pair never depends on its batch (None: on CPU only); False: the batched GPU path
+    batch_invariant: bool | None = None
 
 
 def map_zplus(G, z: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,11 @@ def destylize(g, g_ft, encoder, portraits: torch.Tensor, keys: list[str], config
     """portraits [B, 3, 256, 256] in [-1, 1] -> codes z_e, z_hat, z_i [B, L, D], faces `intermediate` (from z_hat)
     and `face` (from z_i) [B, 3, R, R], per-image `lpips` (g'(z_hat) vs S), `id_sim` (face vs S, when an identity
     model is given), `id_weight` used, `seconds`."""
+    with batch_invariance(config.batch_invariant):
+        return _destylize(g, g_ft, encoder, portraits, keys, config, identity)
+
+
+def _destylize(g, g_ft, encoder, portraits, keys, config, identity) -> dict:
     t0 = time.time()
     device = portraits.device
     id_weight = config.id_weight if identity is not None else 0.0

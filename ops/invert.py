@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from models.stylegan2 import batch_invariance, channels_last
 from ops import metrics
 from ops.regularizers import load_or_compute_p_space_stats, noise_regularizer, normalize_noise_, pnorm_penalty
 
@@ -42,6 +43,13 @@ SPACE_DEFAULTS = {
                    optimize_noise=False, noise_weight=0.0, latent_noise=0.0, f_weight=10.0, pnorm_weight=0.01),
 }
 
+
+# BDInvert's anchor 10 mean((F - F0)^2) is weighed against the image loss of real photos, ~100x that of a
+# low-contrast generator like the bundled one, where it pins F to the encoder's start. Chosen on a tuning set by
+# benchmarks/bench_bdinvert.py (the strongest anchor within 0.5 dB of the best), checked on held-out images by
+# tests/test_invert.py: `--set f_weight=0.001` for such generators; the default stays BDInvert's 10.
+LOW_CONTRAST_F_WEIGHT = 0.001
+CHANNELS_LAST_FROM = 256  # generator size from which NHWC activations are the default (BENCHMARKS.md: device path)
 
 # "Hybrid" inversion (spec/stylespace.md §6): an encoder's W+ refined by 100-300 projector steps.
 HYBRID_STEPS = 200
@@ -71,7 +79,14 @@ class InvertConfig:
     w_stats_samples: int = 10_000  # z samples for w_avg (when the checkpoint has none) and sigma_w
     pnorm_samples: int = 100_000  # z samples for the P-space statistics
     cache_dir: str | None = None  # where derived statistics (P space) are cached by generator id
-    autocast: bool = True  # bfloat16 autocast for synthesis and LPIPS on CUDA (never on CPU)
+    # bfloat16 autocast for synthesis and LPIPS (None: on CUDA only; True: on any device, to test that path); the
+    # losses, regularisers and metrics are float32 whatever the context
+    autocast: bool | None = None
+    # per-image convolutions and row-wise affines, so an image's result never depends on its batch (None: on CPU
+    # only); False runs batched calls, the GPU path, on any device
+    batch_invariant: bool | None = None
+    channels_last: bool | None = None  # NHWC activations (None: for generators of 256 px and more, where it wins)
+    compile: bool = False  # torch.compile the synthesis (wins once compiled; each new batch size compiles again)
 
     def resolved(self, encoder_start: bool = False) -> "InvertConfig":
         """Fill None fields from the space's defaults; an encoder (W+) start takes the hybrid recipe's step count."""
@@ -136,6 +151,10 @@ class Inverter:
         self.G, self.encoder, self.identity = G, encoder, identity
         self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
         self.device = G.input.input.device
+        self.use_autocast = self.device.type == "cuda" if self.cfg.autocast is None else self.cfg.autocast
+        synthesis = {"w": G.synthesis, "wplus": G.synthesis, "s": G.synthesis_from_styles,
+                     "fwplus": G.synthesis_from_base_code}[self.cfg.space]
+        self.synthesis = torch.compile(synthesis) if self.cfg.compile else synthesis
         self.perceptual = None  # LPIPS off (lpips_weight 0): no backbone needed, the metric is NaN
         if self.cfg.lpips_weight:
             self.perceptual = (perceptual or shared_perceptual(self.cfg.lpips_net, self.cfg.lpips_backbone)).to(
@@ -181,30 +200,40 @@ class Inverter:
             s = v["styles"]
             if sigma > 0:
                 s = s + sigma * per_image_randn(gens, s.shape[1:], s.device)
-            return G.synthesis_from_styles(s, noise=noise)
+            return self.synthesis(s, noise=noise)
         latent = v["w"] if cfg.space == "w" else v["wplus"]
         if sigma > 0:
             latent = latent + sigma * per_image_randn(gens, latent.shape[1:], latent.device)
         if cfg.space == "fwplus":
-            return G.synthesis_from_base_code(v["base_code"], latent, cfg.base_level, noise=noise)
-        return G.synthesis(G.to_wplus(latent), noise=noise)
+            return self.synthesis(v["base_code"], latent, cfg.base_level, noise=noise)
+        return self.synthesis(G.to_wplus(latent), noise=noise)
 
     def _loss(self, img, target, v, base0, noises) -> torch.Tensor:
-        """Per-image objective [B]."""
+        """Per-image objective [B]: LPIPS in the autocast context of the synthesis, every other term in float32."""
         cfg = self.cfg
-        loss = cfg.lpips_weight * self.perceptual(img, target) if cfg.lpips_weight else 0
-        if cfg.mse_weight:
-            loss = loss + cfg.mse_weight * metrics.mse(img, target)
-        if cfg.optimize_noise and cfg.noise_weight:
-            loss = loss + cfg.noise_weight * noise_regularizer(noises)
-        if cfg.space == "fwplus" and cfg.f_weight:
-            loss = loss + cfg.f_weight * (v["base_code"] - base0).square().mean(dim=(1, 2, 3))
-        if self.p_stats is not None:
-            loss = loss + cfg.pnorm_weight * pnorm_penalty(self.G.to_wplus(v.get("w", v.get("wplus"))), self.p_stats)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
+            loss = cfg.lpips_weight * self.perceptual(img, target).float() if cfg.lpips_weight else 0
+        with torch.autocast(self.device.type, enabled=False):
+            img = img.float()
+            if cfg.mse_weight:
+                loss = loss + cfg.mse_weight * metrics.mse(img, target)
+            if cfg.optimize_noise and cfg.noise_weight:
+                loss = loss + cfg.noise_weight * noise_regularizer(noises)
+            if cfg.space == "fwplus" and cfg.f_weight:
+                loss = loss + cfg.f_weight * (v["base_code"].float() - base0).square().mean(dim=(1, 2, 3))
+            if self.p_stats is not None:
+                wplus = self.G.to_wplus(v.get("w", v.get("wplus")))
+                loss = loss + cfg.pnorm_weight * pnorm_penalty(wplus, self.p_stats)
         return loss
 
     # ----- the loop ----------------------------------------------------------------------------------------------
-    def run(self, images: torch.Tensor, keys: list[str]) -> dict:
+    def run(self, images: torch.Tensor, keys: list[str], steps: int | None = None) -> dict:
+        """Invert a batch (`steps` overrides the recipe's count, e.g. for a memory probe)."""
+        nhwc = self.G.size >= CHANNELS_LAST_FROM if self.cfg.channels_last is None else self.cfg.channels_last
+        with batch_invariance(self.cfg.batch_invariant), channels_last(nhwc):
+            return self._run(images, keys, self.cfg.steps if steps is None else steps)
+
+    def _run(self, images: torch.Tensor, keys: list[str], steps: int) -> dict:
         G, cfg = self.G, self.cfg
         if images.shape[1:] != (3, G.size, G.size):
             raise ValueError(f"images must be [B, 3, {G.size}, {G.size}], got {list(images.shape)}")
@@ -222,14 +251,13 @@ class Inverter:
             noises = G.make_noise(1, "const")
         params = list(v.values()) + (noises if cfg.optimize_noise else [])
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        use_autocast = cfg.autocast and self.device.type == "cuda"
-        for step in range(cfg.steps):
+        for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             sigma = self.sigma_w * cfg.latent_noise * max(0.0, 1 - step / cfg.steps / 0.75) ** 2
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
                 img = self._render(v, noises, sigma, gens)
-                loss = self._loss(img.float(), target, v, base0, noises)
+            loss = self._loss(img, target, v, base0, noises)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()

@@ -19,6 +19,7 @@ from ops.stage import Context, Provenance, Resources, Stage, blank_like, objects
 
 LATENT_COLUMNS = {"w": ("w",), "wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
 METRICS = ("mse", "psnr", "lpips", "steps", "seconds")
+GPU_PROBE_LIMIT = 64  # the largest inversion batch a GPU actor probes for (Ray batches above it run in chunks)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,21 @@ class InvertStage(Stage):
         self.inverters = {space: Inverter(self.G, dataclasses.replace(cfg.invert, space=space),
                                           encoder=encoder if space == "fwplus" else None)
                           for space in cfg.spaces}
+        if self.G.input.input.device.type == "cuda":  # the largest batch that fits this GPU, by a one-step probe
+            from ops.stage import largest_fitting_batch
+
+            self.chunk = largest_fitting_batch(self.probe, GPU_PROBE_LIMIT)
+
+    def probe(self, n: int) -> None:
+        """One step of every space's inversion on n blank images (raises out-of-memory when n does not fit)."""
+        import torch
+
+        images = torch.zeros(n, 3, self.G.size, self.G.size, device=self.G.input.input.device)
+        try:
+            for inverter in self.inverters.values():
+                inverter.run(images, [f"probe{i}" for i in range(n)], steps=1)
+        finally:
+            torch.cuda.empty_cache()
 
     def preview_columns(self) -> tuple[str, ...]:
         return ("original", "image", *(f"recon_{s}" for s in self.config.spaces))
@@ -159,9 +175,10 @@ def latent_values(space: str, result: dict):
 
 def latent_source(upstream: dict | None, stage: str) -> dict:
     """What a stage reading an invert output needs from its run.json: generator path and id, spaces, base level."""
-    if not upstream or upstream.get("stage") != "invert":
+    if not upstream or upstream.get("stage") not in ("invert", "import"):
         found = (upstream or {}).get("stage", "no run.json")
-        raise ValueError(f"{stage} reads the output of `latentray invert` (the input is: {found})")
+        raise ValueError(f"{stage} reads latents: the output of `latentray invert` or `import` (the input is: "
+                         f"{found})")
     config = upstream["config"]
     return {"generator": config["generator"], "generator_id": upstream["checkpoints_sha256"]["generator"],
             "spaces": tuple(config["spaces"]), "base_level": config["invert"]["base_level"]}

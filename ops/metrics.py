@@ -6,7 +6,9 @@ import torch
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).square().mean(dim=(1, 2, 3))
+    """Float32 whatever the autocast context."""
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.float() - b.float()).square().mean(dim=(1, 2, 3))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -15,5 +17,5 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def identity_similarity(embed, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of face-identity embeddings (`embed` returns L2-normalised [B, E])."""
-    return (embed(a) * embed(b)).sum(dim=1)
+    """Cosine similarity of face-identity embeddings (`embed` returns L2-normalised [B, E]), in float32."""
+    return (embed(a).float() * embed(b).float()).sum(dim=1)

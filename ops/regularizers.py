@@ -26,8 +26,14 @@ class PSpaceStats:
         return PSpaceStats(self.mean.to(device), self.eigvals.to(device), self.eigvecs.to(device), self.n)
 
 
+def float32(x: torch.Tensor):
+    """A block computed in float32 whatever autocast context it is called from (losses and regularisers)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def to_p_space(w: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(w, P_SLOPE)
+    with float32(w):
+        return F.leaky_relu(w.float(), P_SLOPE)
 
 
 @torch.no_grad()
@@ -71,26 +77,28 @@ def pnorm_penalty(wplus: torch.Tensor, stats: PSpaceStats) -> torch.Tensor:
     Its expected value over the generator's own samples is 1; eigenvalues are floored only against division by 0."""
     from models.stylegan2 import per_sample
 
-    floor = stats.eigvals.max() * 1e-12
-    centred = to_p_space(wplus) - stats.mean
-    # image by image on CPU: a GEMM's rounding depends on its row count (see per_sample)
-    v = per_sample(lambda x: x @ stats.eigvecs, centred) * torch.rsqrt(stats.eigvals.clamp_min(floor))
-    return v.square().mean(dim=tuple(range(1, v.ndim)))
+    with float32(wplus):
+        floor = stats.eigvals.max() * 1e-12
+        centred = to_p_space(wplus) - stats.mean
+        # per image in invariant mode: a GEMM's rounding depends on its row count (see batch_invariance)
+        v = per_sample(lambda x: x @ stats.eigvecs, centred) * torch.rsqrt(stats.eigvals.clamp_min(floor))
+        return v.square().mean(dim=tuple(range(1, v.ndim)))
 
 
 def noise_regularizer(noises: list[torch.Tensor]) -> torch.Tensor:
     """Projector noise penalty per image: squared 1-pixel circular autocorrelations (x and y) of every map, at every
-    2x box-downsampled level down to 8x8. noises: list of [B, 1, r, r] -> [B]."""
+    2x box-downsampled level down to 8x8. noises: list of [B, 1, r, r] -> [B]. Float32 under autocast."""
     total = 0
-    for noise in noises:
-        size = noise.shape[-1]
-        while True:
-            total = total + (noise * torch.roll(noise, 1, dims=3)).mean(dim=(1, 2, 3)).square() \
-                + (noise * torch.roll(noise, 1, dims=2)).mean(dim=(1, 2, 3)).square()
-            if size <= 8:
-                break
-            noise = F.avg_pool2d(noise, 2)
-            size //= 2
+    with float32(noises[0]):
+        for noise in noises:
+            noise, size = noise.float(), noise.shape[-1]
+            while True:
+                total = total + (noise * torch.roll(noise, 1, dims=3)).mean(dim=(1, 2, 3)).square() \
+                    + (noise * torch.roll(noise, 1, dims=2)).mean(dim=(1, 2, 3)).square()
+                if size <= 8:
+                    break
+                noise = F.avg_pool2d(noise, 2)
+                size //= 2
     return total
 
 

@@ -82,6 +82,26 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def largest_fitting_batch(try_batch, limit: int) -> int:
+    """The largest batch size <= limit (doubling from 1, then `limit` itself) for which `try_batch(n)` runs without
+    running out of memory: the automatic batch of GPU actors, found by a one-step probe in `setup`."""
+    fits, n = 0, 1
+    while True:
+        try:
+            try_batch(n)
+        except Exception as exc:
+            if error_code_for(exc, "") != "out_of_memory":
+                raise
+            break
+        fits = n
+        if n >= limit:
+            break
+        n = min(2 * n, limit)
+    if fits == 0:
+        raise MemoryError("not even one row fits in memory")
+    return fits
+
+
 def objects(values) -> np.ndarray:
     """A 1-D object array (numpy would otherwise turn a list of bytes into a fixed-width bytes array)."""
     out = np.empty(len(values), dtype=object)
@@ -187,7 +207,13 @@ class Stage:
         out["key"] = objects([f"{s}|{labels[v]}" for s, v in zip(out["source_key"], out["variant"])])
         return out
 
+    chunk: int | None = None  # most rows per compute call (set by a probe on GPUs); None: the whole batch
+
     def _compute_into(self, batch: dict, out: dict, rows: np.ndarray) -> None:
+        if self.chunk and len(rows) > self.chunk:
+            for start in range(0, len(rows), self.chunk):
+                self._compute_into(batch, out, rows[start:start + self.chunk])
+            return
         try:
             values = dict(self.compute({c: np.asarray(v)[rows] for c, v in batch.items()}))
         except Exception as exc:  # the rows fail, never the job

@@ -1,5 +1,5 @@
-"""CycleGAN test-time conventions (shared/reference/cyclegan/README.md): pre-processing and the uint8 conversion.
-No Ray."""
+"""junyanz CycleGAN / pix2pix test-time conventions (shared/reference/cyclegan/README.md): pre-processing and the
+uint8 conversion, and the translate stage. No Ray."""
 
 from __future__ import annotations
 
@@ -42,40 +42,47 @@ THUMB = 64  # preview tiles
 
 @dataclass(frozen=True)
 class TranslateConfig:
-    cyclegan: str = ""  # junyanz generator checkpoint, e.g. latest_net_G_A.pth (A->B)
+    # junyanz generator checkpoint: CycleGAN ResNet (latest_net_G_A.pth: A->B) or pix2pix U-Net (latest_net_G.pth)
+    translator: str = ""
     column: str = ""  # image column of a stage output to translate (aligned of ingest, image_png of edit, ...)
     # official test pre-processing: squash to load_size (resize_and_crop), or sides rounded to multiples of 4 (none)
     preprocess: Literal["resize_and_crop", "none"] = "resize_and_crop"
     load_size: int = 256  # resize_and_crop size in px
+    # BatchNorm with each image's own statistics, as the official test.py without --eval (pix2pix; off: --eval)
+    batch_stats: bool = False
+    dropout: bool = False  # keep dropout active (the official test.py without --eval), masks seeded per row
+    seed: int = 0  # combined with each key for the dropout masks
 
 
 class TranslateStage(Stage):
-    """Photos, or an image column of a stage output, through a CycleGAN generator: `translated_png`."""
+    """Photos, or an image column of a stage output, through a CycleGAN or pix2pix generator: `translated_png`."""
 
     name = "translate"
     Config = TranslateConfig
     resources = Resources(num_cpus=1, num_gpus=1)
     uses_models = True
-    required = ("cyclegan",)
+    required = ("translator",)
     input_columns = ("key", "status", "error_code", "error", "image")
 
     def prepare(self, context: Context) -> Provenance:
         from models.checkpoints import file_sha256
-        from models.cyclegan import load_cyclegan
+        from models.translation import load_translator
 
-        G = load_cyclegan(self.config.cyclegan)  # a wrong file fails here, before any row
-        if context.upstream is not None and not self.config.column:
+        cfg = self.config
+        G = load_translator(cfg.translator, batch_stats=cfg.batch_stats, dropout=cfg.dropout)  # fails before rows
+        if context.upstream is not None and not cfg.column:
             raise ValueError("the input is a stage output: name its image column with --column (e.g. aligned, "
                              "image_png)")
-        return Provenance(checkpoints={"cyclegan": file_sha256(self.config.cyclegan)},
-                          fingerprint={"network": G.config})
+        return Provenance(checkpoints={"translator": file_sha256(cfg.translator)},
+                          fingerprint={"network": {"kind": G.kind, **G.config}})
 
     def setup(self, device: str = "cpu") -> None:
-        from models.cyclegan import load_cyclegan
+        from models.translation import load_translator
         from ops.stage import resolve_device
 
+        cfg = self.config
         self.device = resolve_device(device)
-        self.G = load_cyclegan(self.config.cyclegan, self.device)
+        self.G = load_translator(cfg.translator, self.device, batch_stats=cfg.batch_stats, dropout=cfg.dropout)
 
     def preview_columns(self) -> tuple[str, ...]:
         return ("original", "recon_translated")
@@ -85,7 +92,9 @@ class TranslateStage(Stage):
                 "recon_translated": np.zeros((n, THUMB, THUMB, 3), np.uint8)}
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from models.translation import translate
         from ops.images import decode_cell, encode_png, thumbnail
+        from ops.invert import key_generator
 
         out = self.blank(len(batch["key"]))
         tensors = []
@@ -97,8 +106,10 @@ class TranslateStage(Stage):
         for i, t in enumerate(tensors):  # `--preprocess none` keeps sizes: each size runs as its own batch
             by_shape.setdefault(tuple(t.shape), []).append(i)
         for rows in by_shape.values():
+            generators = [key_generator(self.config.seed, f"dropout:{batch['key'][i]}") for i in rows]
             with torch.no_grad():
-                images = to_uint8_truncated(self.G(torch.stack([tensors[i] for i in rows]).to(self.device)))
+                x = torch.stack([tensors[i] for i in rows]).to(self.device)
+                images = to_uint8_truncated(translate(self.G, x, generators))
             for i, image in zip(rows, images):
                 out["translated_png"][i], out["recon_translated"][i] = encode_png(image), thumbnail(image, THUMB)
         return out

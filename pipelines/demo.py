@@ -22,7 +22,7 @@ from ops.align import AlignConfig
 from ops.geometry import similarity_warp
 from ops.images import to_uint8
 from ops.ingest import IngestConfig
-from ops.invert import InvertConfig
+from ops.invert import LOW_CONTRAST_F_WEIGHT, InvertConfig
 from ops.invert_stage import InvertStageConfig
 from pipelines import invert
 from pipelines.io import read_dataset
@@ -89,11 +89,11 @@ def main(out: str = "out", steps: int = 300) -> None:
     write_face_photos(inputs / "faces")
     write_synthetic(inputs / "synthetic")
     print("LPIPS: using a RANDOM AlexNet backbone (no ImageNet weights offline); numbers are labelled 'random'.")
-    # BDInvert's recipe with its base-code anchor scaled to this low-contrast generator's image loss (10 -> 0.01;
-    # tests/test_invert.py::test_bdinvert_recipe_beats_w_plus_on_shifted_and_rotated_images explains the sweep).
+    # BDInvert's recipe with the base-code anchor recommended for low-contrast generators (ops/invert.py,
+    # LOW_CONTRAST_F_WEIGHT; chosen by benchmarks/bench_bdinvert.py on a tuning set).
     cfg = InvertStageConfig(spaces=("wplus", "fwplus"), basecode_encoder=str(ENCODER),
                             invert=InvertConfig(steps=steps, lpips_net="alex", lpips_backbone="random",
-                                                optimize_noise=False, f_weight=0.01))
+                                                optimize_noise=False, f_weight=LOW_CONTRAST_F_WEIGHT))
     for name, align in (("faces", "ffhq"), ("synthetic", "none")):
         output = out_dir / name
         stats = run(invert.ADAPTER, [str(inputs / name)], str(output), cfg, IngestConfig(alignment=AlignConfig(align)),

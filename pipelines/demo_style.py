@@ -36,7 +36,7 @@ def main(out: str = "out", steps: int = 100) -> None:
         print(f"  {name}: rows {stats['by_status']}, errors {stats.get('by_error') or 'none'} "
               f"({stats['seconds']:.0f} s); previews in {output / 'previews'}")
     print("For real work pass the official checkpoints: --finetuned/--encoder/--identity (destylize), "
-          "--dualstylegan/--exstyles (stylize), --cyclegan (translate).")
+          "--dualstylegan/--exstyles (stylize), --translator (translate).")
 
 
 if __name__ == "__main__":

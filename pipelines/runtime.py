@@ -78,8 +78,13 @@ def init_ray() -> None:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=512 * 1024**2)
+            try:
+                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                         object_store_memory=512 * 1024**2)
+            except ValueError as exc:  # a cluster started with `ray start` on this machine: join it as it is
+                if "existing cluster" not in str(exc):
+                    raise
+                ray.init(log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE
     ctx.enable_progress_bars = False
@@ -153,8 +158,24 @@ class StageActor:
         if isinstance(self.stage, Aggregate):
             return {"state": objects([pickle.dumps(self.stage.partial(batch))])}
         out = self.stage.process(batch)
-        out["_node"] = objects([self.node] * len(out["key"]))
+        n = len(out["key"])
+        out["_node"] = objects([self.node] * n)
+        out["_rss_mb"], out["_gpu_mb"] = np.full(n, peak_rss_mb()), np.full(n, peak_gpu_mb())
         return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mb() -> float:
+    """Peak CUDA memory torch allocated in this process (MiB; 0 without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
 def run_task(batch: dict, stage: Stage) -> dict:
@@ -386,16 +407,21 @@ def write_batch(batch: dict, output: str, metadata: dict, preview_columns: tuple
     columns = [batch[c] for c in preview_columns if c in batch]
     if columns and rows.size and io.count_previews(output) < MAX_PREVIEWS:
         io.write_png(output, f"previews/{io.stem(path)}.png", preview_grid(columns, rows))
-    node = batch.get("_node", objects([""] * len(batch["key"])))
-    return {"key": batch["key"], "status": batch["status"], "error_code": batch["error_code"], "node": node}
+    n = len(batch["key"])
+    return {"key": batch["key"], "status": batch["status"], "error_code": batch["error_code"],
+            "node": batch.get("_node", objects([""] * n)), "rss_mb": batch.get("_rss_mb", np.zeros(n)),
+            "gpu_mb": batch.get("_gpu_mb", np.zeros(n))}
 
 
 def drain(ds, stage: Stage, total: int, progress: bool) -> dict:
     """Run a stage's dataset to the end on the driver, counting rows by status, error code and node."""
     counts = {"by_status": Counter(), "by_error": Counter(), "rows_by_node": Counter()}
+    peaks = {"actor_peak_rss_mb": 0.0, "actor_peak_gpu_mb": 0.0}
     bar = Progress(stage.name, total, progress)
     try:
         for row in ds.iter_rows():
+            peaks["actor_peak_rss_mb"] = max(peaks["actor_peak_rss_mb"], float(row["rss_mb"]))
+            peaks["actor_peak_gpu_mb"] = max(peaks["actor_peak_gpu_mb"], float(row["gpu_mb"]))
             counts["by_status"][row["status"]] += 1
             if row["error_code"]:
                 counts["by_error"][row["error_code"]] += 1
@@ -404,7 +430,7 @@ def drain(ds, stage: Stage, total: int, progress: bool) -> dict:
             bar.update()
     except Exception as exc:  # Ray's errors name tasks and actors, not what the user ran
         raise StageFailed(f"stage {stage.name} failed: {type(exc).__name__}: {exc}") from exc
-    return {k: dict(v) for k, v in counts.items()}
+    return {**{k: dict(v) for k, v in counts.items()}, **{k: round(v, 1) for k, v in peaks.items()}}
 
 
 def summary_previews(stage: Stage, output: str) -> None:

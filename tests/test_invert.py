@@ -15,6 +15,7 @@ from ops.geometry import similarity_warp
 from ops.invert import SPACE_DEFAULTS, InvertConfig, invert, learning_rate
 
 FAST = dict(lpips_net="alex", lpips_backbone="random")
+QUALITY = dict(FAST, batch_invariant=False)  # quality checks take the faster batched path (same quality: test_device_path)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_ground_truth_is_recovered(G, space):
         from models.encoders import load_basecode_encoder
 
         encoder = load_basecode_encoder(str(DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")), G)
-    result = invert(G, images, [f"gt/{i}" for i in range(4)], InvertConfig(space=space, steps=300, **FAST),
+    result = invert(G, images, [f"gt/{i}" for i in range(4)], InvertConfig(space=space, steps=300, **QUALITY),
                     encoder=encoder)
     assert result["psnr"].min() >= 30
     assert (result["psnr"] - metrics.psnr(start, images)).min() >= 5
@@ -154,25 +155,33 @@ def test_base_code_follows_shifted_and_rotated_images_that_w_plus_cannot(G):
     _, images = ground_truth(G, 4, seed=0)
     targets = similarity_warp(images, degrees=10, shift=(0.125, 0.0), padding="reflection")
     keys = [f"shifted/{i}" for i in range(4)]
-    wplus = invert(G, targets, keys, InvertConfig(space="wplus", steps=300, optimize_noise=False, **FAST))
-    fwplus = invert(G, targets, keys, InvertConfig(space="fwplus", steps=300, f_weight=0.0, lr=0.05, **FAST))
+    wplus = invert(G, targets, keys, InvertConfig(space="wplus", steps=300, optimize_noise=False, **QUALITY))
+    fwplus = invert(G, targets, keys, InvertConfig(space="fwplus", steps=300, f_weight=0.0, lr=0.05, **QUALITY))
     assert (fwplus["psnr"] - wplus["psnr"]).min() >= 3
 
 
 @pytest.mark.slow
-def test_bdinvert_recipe_beats_w_plus_on_shifted_and_rotated_images(G):
-    """The BDInvert claim with the release's recipe (encoder start, Adam lr 0.01 constant, MSE 1 + LPIPS 10,
-    P-norm+ 0.01), except the base-code anchor. The release's 10 * mean((F - F0)^2) is weighed against the image loss
-    of real photos (~0.9 at convergence: L2 0.02 + 10 x LPIPS 0.09), ~100x ours on this low-contrast generator, and
-    against an encoder trained 10k iterations instead of our 600. Measured at 1200 steps (mean gap over W+):
-    f_weight 10 -> -2.3 dB (F pinned to the encoder's start), 0.1 -> +1.3, 0.01 -> +4.2, 0 -> +7.7."""
-    from models.default_generator import DEFAULT_GENERATOR_PATH
-    from models.encoders import load_basecode_encoder
+def test_bdinvert_beats_w_plus_at_equal_budgets_on_images_no_choice_was_made_on(G):
+    """BDInvert's claim at equal step budgets (300 each) and equal losses (MSE 1 + LPIPS 10 + P_N+ 0.01, lr 0.01
+    constant, for both spaces), on out-of-range images (seeds 300-303) that neither the anchor sweep (tuning set) nor
+    its report (held-out set) of benchmarks/bench_bdinvert.py used. With the anchor recommended for low-contrast
+    generators (chosen there on the tuning set), F/W+ beats W+ with the same losses and W+ with its own projector
+    recipe; the shipped default anchor (10) pins F near the encoder's start and does clearly worse."""
+    import sys
+    from pathlib import Path
 
-    encoder = load_basecode_encoder(str(DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")), G)
-    _, images = ground_truth(G, 4, seed=0)
-    targets = similarity_warp(images, degrees=10, shift=(0.125, 0.0), padding="reflection")
-    keys = [f"shifted/{i}" for i in range(4)]
-    wplus = invert(G, targets, keys, InvertConfig(space="wplus", steps=300, optimize_noise=False, **FAST))
-    fwplus = invert(G, targets, keys, InvertConfig(space="fwplus", steps=600, f_weight=0.01, **FAST), encoder=encoder)
-    assert (fwplus["psnr"] - wplus["psnr"]).min() >= 3
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.bench_bdinvert import BASE, BDINVERT_LOSSES, ENCODER, TEST, out_of_range
+    from models.encoders import load_basecode_encoder
+    from ops.invert import LOW_CONTRAST_F_WEIGHT
+
+    encoder = load_basecode_encoder(str(ENCODER), G)
+    targets, keys = out_of_range(G, TEST), [f"test/{s}" for s in TEST]
+    same = invert(G, targets, keys, InvertConfig(space="wplus", steps=300, **BDINVERT_LOSSES, **BASE))["psnr"]
+    projector = invert(G, targets, keys, InvertConfig(space="wplus", steps=300, optimize_noise=False,
+                                                      **BASE))["psnr"]
+    recommended, default = (invert(G, targets, keys, InvertConfig(space="fwplus", steps=300, f_weight=f, **BASE),
+                                   encoder=encoder)["psnr"] for f in (LOW_CONTRAST_F_WEIGHT, 10.0))
+    assert (recommended - same).mean() >= 3 and (recommended - same).min() >= 1
+    assert (recommended - projector).mean() >= 2
+    assert (recommended - default).mean() >= 2

@@ -1,0 +1,100 @@
+"""BDInvert's claim, measured honestly: F/W+ against W+ on out-of-range images (samples of the bundled generator
+shifted by 1/8 of the width and rotated 10 degrees) at EQUAL step budgets and EQUAL losses (BDInvert's: MSE 1 +
+LPIPS 10 + P_N+ 0.01, Adam lr 0.01 constant, constant noise; F/W+ adds its base-code anchor and starts F from the
+shipped base-code encoder), plus W+ with its own projector recipe as a second baseline at the same step count.
+
+The anchor weight is chosen on a TUNING set (seeds 100-103) and reported on a HELD-OUT set (seeds 200-203); the
+test (tests/test_invert.py) checks the recommendation on a third set (seeds 300-303) used by neither."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.report import machine_line, write_section  # noqa: E402
+from models.default_generator import DEFAULT_GENERATOR_PATH, load_default_generator  # noqa: E402
+from models.encoders import load_basecode_encoder  # noqa: E402
+from ops.geometry import similarity_warp  # noqa: E402
+from ops.invert import SPACE_DEFAULTS, InvertConfig, invert  # noqa: E402
+
+ENCODER = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")
+TUNING, HELD_OUT, TEST = (100, 101, 102, 103), (200, 201, 202, 203), (300, 301, 302, 303)
+ANCHORS = (10.0, 1.0, 0.1, 0.01, 0.001, 0.0)
+BASE = dict(lpips_net="alex", lpips_backbone="random", batch_invariant=False)
+# BDInvert's losses and optimiser, for both spaces (the F/W+ recipe of SPACE_DEFAULTS without its anchor)
+BDINVERT_LOSSES = {k: SPACE_DEFAULTS["fwplus"][k] for k in ("lr", "lr_schedule", "mse_weight", "lpips_weight",
+                                                           "pnorm_weight", "optimize_noise", "latent_noise")}
+
+
+def out_of_range(G, seeds) -> torch.Tensor:
+    """One image per seed from random W+ rows, shifted 1/8 of the width and rotated 10 degrees (reflection)."""
+    images = []
+    for seed in seeds:
+        z = torch.randn(G.n_latent, G.style_dim, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            images.append(G.synthesis(G.mapping(z)[None]))
+    return similarity_warp(torch.cat(images), degrees=10, shift=(0.125, 0.0), padding="reflection")
+
+
+def compare(G, encoder, seeds, steps: int, anchors) -> dict:
+    """Mean PSNR of W+ (same losses), W+ (projector recipe) and F/W+ at each anchor, all at `steps` steps."""
+    targets, keys = out_of_range(G, seeds), [f"oor/{s}" for s in seeds]
+    out = {"wplus, same losses": invert(G, targets, keys, InvertConfig(space="wplus", steps=steps,
+                                                                       **BDINVERT_LOSSES, **BASE)),
+           "wplus, projector recipe": invert(G, targets, keys, InvertConfig(space="wplus", steps=steps,
+                                                                            optimize_noise=False, **BASE))}
+    for f in anchors:
+        out[f"fwplus, anchor {f:g}"] = invert(G, targets, keys, InvertConfig(space="fwplus", steps=steps,
+                                                                             f_weight=f, **BASE), encoder=encoder)
+    return {name: result["psnr"].mean().item() for name, result in out.items()}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    G = load_default_generator()
+    encoder = load_basecode_encoder(str(ENCODER), G)
+    tuning = compare(G, encoder, TUNING, 300, ANCHORS)
+    # The rule, fixed before looking at the held-out set: the strongest anchor within 0.5 dB of the best one on the
+    # tuning set (PSNR alone would always drop the anchor, which is there to keep F plausible for editing).
+    top = max(tuning[f"fwplus, anchor {f:g}"] for f in ANCHORS)
+    best = max(f for f in ANCHORS if tuning[f"fwplus, anchor {f:g}"] >= top - 0.5)
+    print("tuning", tuning, "best anchor", best, flush=True)
+    held = {steps: compare(G, encoder, HELD_OUT, steps, (10.0, best)) for steps in (300, 1200)}
+    names = list(held[300])
+    rows = ["| method (held-out set, mean PSNR dB) | 300 steps | 1200 steps | vs W+ same losses (300 / 1200) |",
+            "|---|---:|---:|---:|"]
+    for name in names:
+        gaps = " / ".join(f"{held[s][name] - held[s]['wplus, same losses']:+.2f}" for s in (300, 1200))
+        rows.append(f"| {name} | {held[300][name]:.2f} | {held[1200][name]:.2f} | {gaps} |")
+    sweep = ["| anchor weight (tuning set, 300 steps) | F/W+ PSNR | vs W+ same losses |", "|---:|---:|---:|"]
+    for f in ANCHORS:
+        value = tuning[f"fwplus, anchor {f:g}"]
+        sweep.append(f"| {f:g} | {value:.2f} | {value - tuning['wplus, same losses']:+.2f} |")
+    body = "\n".join([
+        "## BDInvert F/W+ vs W+ at equal budgets (`benchmarks/bench_bdinvert.py`)",
+        "",
+        f"Machine: {machine_line()}. Bundled 64-px generator; 4 out-of-range images per set (random W+ samples shifted "
+        "1/8 width, rotated 10°, reflection fill); LPIPS-alex (random backbone); batched path. Every method gets the "
+        "same steps; 'same losses' = BDInvert's MSE 1 + LPIPS 10 + P_N+ 0.01 at lr 0.01 constant for both spaces; "
+        "F/W+ starts from the shipped base-code encoder and adds its anchor f·mean((F − F0)²).",
+        "",
+        f"Anchor chosen on the tuning set (seeds {TUNING[0]}-{TUNING[-1]}) by a rule fixed beforehand, the strongest "
+        f"anchor within 0.5 dB of the best one: **{best:g}** (PSNR alone always prefers no anchor; the anchor keeps F "
+        "near the encoder's plausible start, which matters for editing and which PSNR does not measure).",
+        "",
+        *sweep,
+        "",
+        f"Reported on the held-out set (seeds {HELD_OUT[0]}-{HELD_OUT[-1]}), with the shipped default anchor (10) and "
+        "the recommended one:",
+        "",
+        *rows,
+    ])
+    write_section("bdinvert", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
