@@ -23,6 +23,15 @@ from models.default_generator import ARCHITECTURE as DEFAULT_ARCHITECTURE
 from ops.stage import Context, Provenance, Stage, blank_like, objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"  # `photo.jpg`'s known-pixel mask is `photo.mask.png` beside it (white = known)
+
+
+def mask_uri(uri: str) -> str:
+    return posixpath.splitext(uri)[0] + MASK_SUFFIX
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not path.lower().endswith(MASK_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -56,11 +65,12 @@ def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:
         prefix = spec.split("://")[0] + "://" if "://" in spec else ""
         if any(ch in spec for ch in "*?["):
             for path in fs.glob(root):
-                add(prefix + path, prefix + path)
+                if not path.lower().endswith(MASK_SUFFIX):
+                    add(prefix + path, prefix + path)
         elif fs.isdir(root):
             name = posixpath.basename(root.rstrip("/"))
             for path in fs.find(root):
-                if path.lower().endswith(IMAGE_EXTENSIONS):
+                if is_image(path):
                     rel = posixpath.relpath(path, root)
                     add(f"{name}/{rel}" if len(inputs) > 1 else rel, prefix + path)
         else:
@@ -152,10 +162,30 @@ def read_row(key: str, uri: str, config: DecodeConfig) -> dict:
     return decode_row(key, data, config, read_error=read_error)
 
 
+def aligned_mask(uri: str, photo_shape: tuple, aligned, size: int, align: AlignConfig) -> np.ndarray:
+    """The photo's mask file (`<name>.mask.png`, white = known) cut like the photo: uint8 [size, size], 255 known;
+    all known when there is no mask file; outside the photo unknown (0)."""
+    from ops.align import center_crop_resize, crop_quad
+
+    try:
+        data = read_bytes(mask_uri(uri))
+    except FileNotFoundError:
+        return np.full((size, size), 255, np.uint8)
+    mask = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    if mask.shape != photo_shape[:2]:
+        raise DecodeError("decode_error", f"mask {mask_uri(uri)} is {mask.shape[1]}x{mask.shape[0]}, the photo "
+                                          f"{photo_shape[1]}x{photo_shape[0]}")
+    rgb = np.repeat(mask[..., None], 3, axis=2)
+    cut = center_crop_resize(rgb, size).image if align.align == "none" else \
+        crop_quad(rgb, aligned.quad, size, align.transform_size, pad=False)
+    return np.where(cut[..., 0] >= 128, 255, 0).astype(np.uint8)
+
+
 def ingest_row(key: str, uri: str, size: int, config: DecodeConfig = DecodeConfig(),
-               align: AlignConfig = AlignConfig()) -> dict:
-    """Read, decode and align one input to uint8 [size, size, 3] plus its alignment columns and a thumbnail of the
-    photo (`original`). Never raises: unreadable, undecodable or faceless inputs come back with their error."""
+               align: AlignConfig = AlignConfig(), masks: bool = False) -> dict:
+    """Read, decode and align one input to uint8 [size, size, 3] plus its alignment columns, a thumbnail of the
+    photo (`original`) and, with `masks`, its aligned mask. Never raises: unreadable, undecodable or faceless
+    inputs come back with their error."""
     row = read_row(key, uri, config)
     aligned = None
     if row["status"] == "ok":
@@ -166,12 +196,23 @@ def ingest_row(key: str, uri: str, size: int, config: DecodeConfig = DecodeConfi
         except (RuntimeError, ValueError) as exc:  # a detector choking on one odd photo fails that row only
             row.update(status="failed", error_code="align_error", error=f"{type(exc).__name__}: {exc}")
     thumb = thumbnail(row["image"], size) if row["image"] is not None else np.zeros((size, size, 3), np.uint8)
-    return {**row, **align_columns(size, aligned), "original": thumb}
+    out = {**row, **align_columns(size, aligned), "original": thumb}
+    if masks:
+        out["mask"] = np.zeros((size, size), np.uint8)
+        if aligned is not None:
+            try:
+                out["mask"] = aligned_mask(uri, row["image"].shape, aligned, size, align)
+            except DecodeError as exc:
+                out.update(status="failed", error_code=exc.code, error=str(exc))
+            except Exception as exc:  # an unreadable or undecodable mask fails its photo's row
+                out.update(status="failed", error_code="decode_error", error=f"mask: {type(exc).__name__}: {exc}")
+    return out
 
 
 @dataclass(frozen=True)
 class IngestConfig:
     size: int | None = None  # crop size in px (None: what the stage after ingest takes; alone: the bundled model's)
+    masks: bool = False  # read each photo's known-pixel mask `<name>.mask.png` (white = known) into column `mask`
     alignment: AlignConfig = AlignConfig()
     decode: DecodeConfig = DecodeConfig()
 
@@ -224,17 +265,21 @@ class IngestStage(Stage):
                               {c: t for c, (_, t) in INGEST_ARRAYS.items()}))
         out["n_faces"][:] = -1
         out["image"], out["original"] = (np.zeros((n, size, size, 3), np.uint8) for _ in range(2))
+        if self.config.masks:
+            out["mask"] = np.zeros((n, size, size), np.uint8)
         if self.keep_pixels:
             out["aligned"] = out["image"]
         return out
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [ingest_row(k, u, self.image_size, self.config.decode, self.config.alignment)
+        rows = [ingest_row(k, u, self.image_size, self.config.decode, self.config.alignment, self.config.masks)
                 for k, u in zip(batch["key"], batch["uri"])]
         out = {c: objects([r[c] for r in rows]) for c in ("error_code", "error", *INGEST_TEXT)}
         out.update({c: np.stack([np.asarray(r[c], dtype=t) for r in rows]) for c, (_, t) in INGEST_ARRAYS.items()})
         out["image"] = np.stack([r["image"] for r in rows])
         out["original"] = np.stack([r["original"] for r in rows])
+        if self.config.masks:
+            out["mask"] = np.stack([r["mask"] for r in rows])
         if self.keep_pixels:
             out["aligned"] = out["image"]
         return out

@@ -208,15 +208,18 @@ class Inverter:
             return self.synthesis(v["base_code"], latent, cfg.base_level, noise=noise)
         return self.synthesis(G.to_wplus(latent), noise=noise)
 
-    def _loss(self, img, target, v, base0, noises) -> torch.Tensor:
-        """Per-image objective [B]: LPIPS in the autocast context of the synthesis, every other term in float32."""
+    def _loss(self, img, target, v, base0, noises, mask=None) -> torch.Tensor:
+        """Per-image objective [B]: LPIPS in the autocast context of the synthesis, every other term in float32.
+        With a known-pixel `mask` [B, 1, H, W] (Image2StyleGAN++ inpainting) the image terms see only known
+        pixels: LPIPS of both images multiplied by the mask, MSE averaged over the known pixels."""
         cfg = self.cfg
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
-            loss = cfg.lpips_weight * self.perceptual(img, target).float() if cfg.lpips_weight else 0
+            seen = (img * mask, target * mask) if mask is not None else (img, target)
+            loss = cfg.lpips_weight * self.perceptual(*seen).float() if cfg.lpips_weight else 0
         with torch.autocast(self.device.type, enabled=False):
             img = img.float()
             if cfg.mse_weight:
-                loss = loss + cfg.mse_weight * metrics.mse(img, target)
+                loss = loss + cfg.mse_weight * metrics.mse(img, target, mask)
             if cfg.optimize_noise and cfg.noise_weight:
                 loss = loss + cfg.noise_weight * noise_regularizer(noises)
             if cfg.space == "fwplus" and cfg.f_weight:
@@ -227,13 +230,15 @@ class Inverter:
         return loss
 
     # ----- the loop ----------------------------------------------------------------------------------------------
-    def run(self, images: torch.Tensor, keys: list[str], steps: int | None = None) -> dict:
-        """Invert a batch (`steps` overrides the recipe's count, e.g. for a memory probe)."""
+    def run(self, images: torch.Tensor, keys: list[str], steps: int | None = None,
+            masks: torch.Tensor | None = None) -> dict:
+        """Invert a batch (`steps` overrides the recipe's count, e.g. for a memory probe); `masks` [B, 1, H, W] in
+        [0, 1] marks the known pixels (1) of each image: the losses and metrics see only those."""
         nhwc = self.G.size >= CHANNELS_LAST_FROM if self.cfg.channels_last is None else self.cfg.channels_last
         with batch_invariance(self.cfg.batch_invariant), channels_last(nhwc):
-            return self._run(images, keys, self.cfg.steps if steps is None else steps)
+            return self._run(images, keys, self.cfg.steps if steps is None else steps, masks)
 
-    def _run(self, images: torch.Tensor, keys: list[str], steps: int) -> dict:
+    def _run(self, images: torch.Tensor, keys: list[str], steps: int, masks=None) -> dict:
         G, cfg = self.G, self.cfg
         if images.shape[1:] != (3, G.size, G.size):
             raise ValueError(f"images must be [B, 3, {G.size}, {G.size}], got {list(images.shape)}")
@@ -241,6 +246,7 @@ class Inverter:
             raise ValueError(f"{len(keys)} keys for {images.shape[0]} images")
         t0 = time.perf_counter()
         target = images.to(self.device, torch.float32)
+        mask = masks.to(self.device, torch.float32) if masks is not None else None
         gens = [key_generator(cfg.seed, k) for k in keys]
         v = {k: t.requires_grad_(True) for k, t in self._initial_variables(target).items()}
         base0 = v["base_code"].detach().clone() if "base_code" in v else None
@@ -257,23 +263,24 @@ class Inverter:
             sigma = self.sigma_w * cfg.latent_noise * max(0.0, 1 - step / cfg.steps / 0.75) ** 2
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
                 img = self._render(v, noises, sigma, gens)
-            loss = self._loss(img, target, v, base0, noises)
+            loss = self._loss(img, target, v, base0, noises, mask)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()
             if cfg.optimize_noise:
                 normalize_noise_(noises)
-        return self._result(v, noises, target, time.perf_counter() - t0)
+        return self._result(v, noises, target, time.perf_counter() - t0, mask)
 
     @torch.no_grad()
-    def _result(self, v, noises, target, seconds: float) -> dict:
+    def _result(self, v, noises, target, seconds: float, mask=None) -> dict:
         cfg, b = self.cfg, target.shape[0]
         recon = self._render(v, noises, 0.0, None).float()
         out = {name: t.detach() for name, t in v.items()}
         if "w" in out:
             out["wplus"] = self.G.to_wplus(out.pop("w")).contiguous()
-        out.update(recon=recon, mse=metrics.mse(recon, target), psnr=metrics.psnr(recon, target),
-                   lpips=self.perceptual(recon, target) if self.perceptual is not None else
+        seen = (recon * mask, target * mask) if mask is not None else (recon, target)
+        out.update(recon=recon, mse=metrics.mse(recon, target, mask), psnr=metrics.psnr(recon, target, mask),
+                   lpips=self.perceptual(*seen) if self.perceptual is not None else
                    torch.full((b,), float("nan"), device=recon.device),
                    steps=torch.full((b,), cfg.steps), seconds=torch.full((b,), seconds / b),
                    lpips_net=cfg.lpips_net, lpips_backbone=self.lpips_backbone)
@@ -284,9 +291,11 @@ class Inverter:
         return out
 
 
-def invert(G, images: torch.Tensor, keys: list[str], config: InvertConfig, encoder=None, identity=None) -> dict:
+def invert(G, images: torch.Tensor, keys: list[str], config: InvertConfig, encoder=None, identity=None,
+           masks: torch.Tensor | None = None) -> dict:
     """Invert a batch. Returns `wplus` [B,L,D] (w, wplus, fwplus), `styles` [B,n_S] (s), `base_code` [B,C,s,s]
     (fwplus), `recon` [B,3,H,W], per-image `mse`, `psnr`, `lpips`, `steps`, `seconds` [B], `id_sim` [B] when an
     `identity` embedder (images -> L2-normalised [B, E]) is given, `noises` (when optimised), and the
-    `lpips_net` / `lpips_backbone` labels."""
-    return Inverter(G, config, encoder=encoder, identity=identity).run(images, keys)
+    `lpips_net` / `lpips_backbone` labels. `masks` [B, 1, H, W] (1 where a pixel is known): losses and metrics see
+    only the known pixels; `recon` fills the rest."""
+    return Inverter(G, config, encoder=encoder, identity=identity).run(images, keys, masks=masks)

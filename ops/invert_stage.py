@@ -27,6 +27,9 @@ class InvertStageConfig:
     generator: str = ""  # checkpoint path or URI (rosinality .pt, NVIDIA .pkl, latentray .pt); "": the bundled one
     spaces: tuple[str, ...] = ("wplus",)  # any of w, wplus, s, fwplus: one column group each
     basecode_encoder: str = ""  # BDInvert base-code encoder for fwplus starts ("": G.base_code(w_avg))
+    # input column of known-pixel masks (uint8, 255 known), when present: losses and metrics see only those pixels
+    # and the reconstruction fills the rest (Image2StyleGAN++ inpainting); ingest --masks writes `mask`
+    mask_column: str = "mask"
     # Noise maps are not stored, so the stage keeps the generator's constant noise (optimize_noise False) and a
     # stored latent alone reproduces its row's reconstruction and metrics.
     invert: InvertConfig = InvertConfig(optimize_noise=False)
@@ -46,9 +49,10 @@ def latent_shapes(G, spaces, base_level: int) -> dict[str, tuple[int, ...]]:
     return {c: shapes[c] for space in spaces for c in LATENT_COLUMNS[space]}
 
 
-def schema_metadata(G, base_level: int) -> dict:
-    """What a reader needs to interpret the latent columns (Parquet schema metadata)."""
-    return {"generator_id": G.generator_id, "architecture": G.architecture(), "base_level": base_level,
+def schema_metadata(G, generator: str, spaces, base_level: int) -> dict:
+    """What a reader needs to interpret the latent columns (Parquet schema metadata, run.json `metadata`)."""
+    return {"generator_id": G.generator_id, "generator": generator, "architecture": G.architecture(),
+            "spaces": list(spaces), "base_level": base_level,
             "style_layers": [dataclasses.asdict(layer) for layer in G.style_layers]}
 
 
@@ -85,7 +89,8 @@ class InvertStage(Stage):
         checkpoints = {"generator": G.generator_id}
         if cfg.basecode_encoder and "fwplus" in cfg.spaces:
             checkpoints["basecode_encoder"] = file_sha256(cfg.basecode_encoder)
-        return Provenance(checkpoints=checkpoints, metadata=schema_metadata(G, cfg.invert.base_level))
+        return Provenance(checkpoints=checkpoints,
+                          metadata=schema_metadata(G, cfg.generator, cfg.spaces, cfg.invert.base_level))
 
     def setup(self, device: str = "cpu") -> None:
         from models.checkpoints import load_generator
@@ -145,10 +150,15 @@ class InvertStage(Stage):
 
         pixels = resize_square(np.stack(batch["image"]), self.G.size)
         images = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        masks = None
+        if self.config.mask_column and self.config.mask_column in batch:
+            known = np.repeat(np.stack(batch[self.config.mask_column])[..., None], 3, axis=3)
+            masks = torch.from_numpy(resize_square(known, self.G.size)[..., :1].astype(np.float32) / 255)
+            masks = masks.permute(0, 3, 1, 2)
         keys = [str(k) for k in batch["key"]]
         out = {}
         for space, inverter in self.inverters.items():
-            result = inverter.run(images, keys)
+            result = inverter.run(images, keys, masks=masks)
             for column, value in latent_values(space, result).items():
                 out[column] = value.cpu().numpy()
             for m in METRICS:
@@ -174,14 +184,14 @@ def latent_values(space: str, result: dict):
 
 
 def latent_source(upstream: dict | None, stage: str) -> dict:
-    """What a stage reading an invert output needs from its run.json: generator path and id, spaces, base level."""
+    """What a stage reading latents needs from their run.json: generator path and id, spaces, base level."""
     if not upstream or upstream.get("stage") not in ("invert", "import"):
         found = (upstream or {}).get("stage", "no run.json")
         raise ValueError(f"{stage} reads latents: the output of `latentray invert` or `import` (the input is: "
                          f"{found})")
-    config = upstream["config"]
-    return {"generator": config["generator"], "generator_id": upstream["checkpoints_sha256"]["generator"],
-            "spaces": tuple(config["spaces"]), "base_level": config["invert"]["base_level"]}
+    meta = upstream["metadata"]
+    return {"generator": meta["generator"], "generator_id": meta["generator_id"], "spaces": tuple(meta["spaces"]),
+            "base_level": meta["base_level"]}
 
 
 def load_checked_generator(path: str, expected_id: str):

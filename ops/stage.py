@@ -61,6 +61,7 @@ class Context:
     read_input: Callable[[list[str] | None, list[str]], dict] | None = None  # (keys or None = all, columns)
     read_bytes: Callable[[str], bytes] | None = None  # a small file (edits list, key list, direction) by URI
     read_table: Callable[[str, list[str]], dict] | None = None  # a result table of another output by URI
+    read_output: Callable[[str, list[str]], dict] | None = None  # columns of every row of another stage output
 
 
 @dataclass

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines import channels, dci, destylize, edit, ingest, invert, stylize, translate
+from pipelines import channels, dci, destylize, edit, import_latents, ingest, invert, paste, stylize, translate
 from pipelines.runtime import RunOptions
 
-ADAPTERS = {a.stage.name: a for a in (ingest.ADAPTER, invert.ADAPTER, edit.ADAPTER, channels.ADAPTER, dci.ADAPTER,
-                                      destylize.ADAPTER, stylize.ADAPTER, translate.ADAPTER)}
+ADAPTERS = {a.stage.name: a for a in (ingest.ADAPTER, invert.ADAPTER, import_latents.ADAPTER, edit.ADAPTER,
+                                      channels.ADAPTER, dci.ADAPTER, paste.ADAPTER, destylize.ADAPTER,
+                                      stylize.ADAPTER, translate.ADAPTER)}
 EXIT_ERROR, EXIT_LOCKED = 2, 3
 
 

@@ -208,7 +208,8 @@ class Photos:
         self.items = list_inputs(self.inputs)
 
     def context(self) -> Context:
-        return Context(upstream=None, read_bytes=io.read_file, read_table=read_result_table)
+        return Context(upstream=None, read_bytes=io.read_file, read_table=read_result_table,
+                       read_output=read_output)
 
     def describe(self, stage: Stage) -> dict:
         """Bind to the (prepared) stage; what decides the rows besides the stage, for the fingerprint."""
@@ -270,7 +271,7 @@ class StageOutput:
             return io.columns_of(table)
 
         return Context(upstream=self.upstream, read_input=read_input, read_bytes=io.read_file,
-                       read_table=read_result_table)
+                       read_table=read_result_table, read_output=read_output)
 
     def describe(self, stage: Stage) -> dict:
         """Bind to the (prepared) stage: read only the columns it declares (all when it declares none)."""
@@ -290,6 +291,37 @@ class StageOutput:
         ds = ds.select_columns(self.columns) if self.columns else ds
         return ds.map_batches(select_rows, fn_kwargs={"todo": todo, "allowed": allowed, "rename": self.rename},
                               batch_size=options.batch_size or 64)
+
+
+class Columns:
+    """Rows read by a function from files that are neither photos nor stage outputs (e.g. other tools' latents):
+    `read(inputs, stage) -> (columns with "key", description for the fingerprint)`, called once bound."""
+
+    def __init__(self, inputs: list[str], read):
+        self.inputs, self.read, self.columns = list(inputs), read, None
+
+    def context(self) -> Context:
+        return Context(upstream=None, read_bytes=io.read_file, read_table=read_result_table,
+                       read_output=read_output)
+
+    def describe(self, stage: Stage) -> dict:
+        self.columns, description = self.read(self.inputs, stage)
+        return description
+
+    def keys(self) -> list[str]:
+        return sorted(self.columns["key"])
+
+    def dataset(self, todo: set[str], allowed: set[str] | None, options: RunOptions):
+        import ray.data
+
+        rows = [{**{c: v[i] for c, v in self.columns.items()}, **row_status(allowed is None or k in allowed)}
+                for i, k in enumerate(self.columns["key"]) if k in todo]
+        return ray.data.from_items(rows)
+
+
+def read_output(uri: str, columns: list[str]) -> dict:
+    """Columns of every row of another stage output (e.g. the photos' geometry for paste)."""
+    return io.columns_of(io.read_dataset(uri, ["key", *[c for c in columns if c != "key"]]))
 
 
 def read_result_table(uri: str, columns: list[str]) -> dict:
@@ -544,6 +576,7 @@ class Adapter:
     stage: type
     help: str
     photos: object = None  # (stage, photos config) -> the CPU stage reading photos; "self": the stage reads them
+    read: object = None  # (inputs, stage) -> (columns, description): rows from other files (see Columns)
     photos_config: type | None = None  # Config of that CPU stage: its fields are options of the command too
     outputs: bool = True  # may read an earlier stage's output
     rename: object = None  # (stage) -> {upstream column: this stage's input column}
@@ -552,6 +585,8 @@ class Adapter:
 
     def source(self, stage: Stage, inputs: list[str], photos_config=None):
         inputs = [str(i) for i in inputs]
+        if self.read is not None:
+            return Columns(inputs, self.read)
         if len(inputs) == 1 and not any(c in inputs[0] for c in "*?[") and io.read_json(inputs[0], "run.json"):
             if not self.outputs:
                 raise ValueError(f"{stage.name} reads photos, and {inputs[0]} is a stage output")

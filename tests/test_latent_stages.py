@@ -198,3 +198,21 @@ def test_rerunning_the_pipeline_file_does_nothing(stages, capsys):
     assert {p: p.stat().st_mtime_ns for o in outputs for p in (root / o).glob("*.parquet")} == before
     assert capsys.readouterr().out.count("no new rows") == 4
     assert json.loads((root / "channels" / "stats.json").read_text())["population"] == 2
+
+
+def test_edited_faces_are_pasted_back_into_their_photos(stages):
+    """paste of an edit output with --photos: each edit row finds its photo through source_key; the strength-0 edit
+    (the reconstruction) and the moved one change the photo only where the face is, differently."""
+    from ops.images import decode_png
+
+    root, _ = stages
+    assert main(["paste", "--input", str(root / "edits"), "--photos", str(root / "latents"), "--output",
+                 str(root / "pasted")]) == 0
+    table = read_parts(root / "pasted")
+    rows = dict(zip(table.column("key").to_pylist(), range(len(table))))
+    assert len(rows) == 27 and table.column("error_code").to_pylist()[rows["ok.jpg|dir|0"]] == "no_face"
+    original = np.asarray(Image.open(io.BytesIO(face_corpus()["face.png"][0])).convert("RGB"))
+    same, moved = (decode_png(table.column("pasted_png")[rows[f"face.png|dir|{s}"]].as_py()) for s in (0, 2))
+    for pasted in (same, moved):
+        assert pasted.shape == original.shape and 0 < np.any(pasted != original, axis=2).mean() < 0.5
+    assert not np.array_equal(same, moved)
