@@ -1,13 +1,15 @@
-"""Image array helpers shared by stages: tensor <-> uint8 and preview grids. No Ray, no models."""
+"""Image array helpers shared by stages: tensor <-> uint8 and preview grids. No Ray, no models; torch is imported
+only where a tensor is converted, so the CPU tasks (decode, align, write) never pay for importing it."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (values outside the range are clipped)."""
+def to_uint8(images) -> np.ndarray:
+    """[B, 3, H, W] tensor in [-1, 1] -> uint8 [B, H, W, 3] (values outside the range are clipped)."""
+    import torch
+
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 

@@ -19,7 +19,6 @@ from PIL import Image, ImageOps
 
 from ops.align import AlignConfig, AlignError, align_image
 from ops.images import thumbnail
-from models.default_generator import ARCHITECTURE as DEFAULT_ARCHITECTURE
 from ops.stage import Context, Provenance, Stage, blank_like, objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -232,9 +231,11 @@ class IngestStage(Stage):
     batch_size = 8
 
     def __init__(self, config: IngestConfig | None = None, keep_pixels: bool = True):
+        from models.default_generator import ARCHITECTURE as BUNDLED
+
         super().__init__(config)
         self.keep_pixels = keep_pixels
-        self.image_size = self.config.size or DEFAULT_ARCHITECTURE["size"]
+        self.image_size = self.config.size or BUNDLED["size"]
 
     @classmethod
     def feeding(cls, stage: Stage, config: IngestConfig | None = None) -> "IngestStage":

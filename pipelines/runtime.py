@@ -34,7 +34,6 @@ RETRIES = 3  # a crashed task or actor is retried this many times, then its job 
 # Ray 2.60 has no named parameters for retries yet (it warns that free remote args go away in 2.64).
 TASK_RETRIES = {"max_retries": RETRIES}
 ACTOR_RETRIES = {"max_restarts": RETRIES, "max_task_retries": RETRIES}
-CPU_ACTOR_CPUS = 0.5  # a CPU model actor's share, so decode/align tasks keep running beside it
 MAX_PREVIEWS = 8  # preview grids per run (one per part, the first parts written)
 SUMMARY_SOURCES = 4  # inputs shown in the grids made across a whole output (edits x strengths, faces x styles)
 NO_PROGRESS_TIMEOUT = 1800  # s without progress before Ray Data gives up (a GPU node may take minutes to join)
@@ -128,20 +127,44 @@ def check_output_location(output: str, options: RunOptions) -> None:
                          "node shares with --shared-output")
 
 
-def actor_pool(stage: Stage, options: RunOptions) -> tuple[dict, str]:
-    """(map_batches arguments, device for setup) of a model stage. GPU actors declare one GPU each and scale from
-    one to as many as the cluster has or its autoscaler can add; CPU actors share a CPU with decode tasks."""
+def cpu_actor_threads(actors: int) -> int:
+    """Intra-op threads (and declared CPUs) of each CPU model actor: the cores of the smallest node, shared by the
+    actors that may land on it, and never all of its logical CPUs (one stays free for the read, decode/align and
+    write tasks: without it the pipeline starves; notes: the 2-CPU hang). On one machine the cores are the physical
+    ones: local Ray over-commits its logical CPUs so those tasks always find a slot, and actors never
+    oversubscribe the cores."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    logical = int(min(n["Resources"]["CPU"] for n in nodes)) if nodes else 1
+    one_host = len({n["NodeManagerAddress"] for n in nodes}) <= 1
+    cores = min(logical - 1, os.cpu_count() or 1) if one_host else logical - 1
+    return max(1, cores // max(1, actors))
+
+
+def pool(size: int):
+    """An autoscaling actor pool (1..size) whose UDF runs on each actor's main thread, one call at a time: the
+    thread its models were set up on. Ray Data's default hands every call to a second thread, where oneDNN's
+    multi-threaded convolutions ran 2.5x slower than on the thread that set them up (BENCHMARKS.md)."""
     from ray.data import ActorPoolStrategy
 
+    return ActorPoolStrategy(min_size=1, max_size=size, enable_true_multi_threading=True,
+                             max_concurrent_calls_per_actor=1)
+
+
+def actor_pool(stage: Stage, options: RunOptions) -> tuple[dict, str]:
+    """(map_batches arguments, device for setup) of a model stage. GPU actors declare one GPU each and scale from
+    one to as many as the cluster has or its autoscaler can add; CPU actors declare the CPUs whose threads they use
+    (cpu_actor_threads)."""
     now, most = cluster_gpus() if options.device != "cpu" else (0, 0)
     extra = {"resources": dict(options.resources)} if options.resources else {}
     if options.device == "cuda" or (options.device == "auto" and most):
         size = options.actors or max(most, 1)
-        return {"compute": ActorPoolStrategy(min_size=1, max_size=size), "num_gpus": stage.resources.num_gpus or 1,
+        return {"compute": pool(size), "num_gpus": stage.resources.num_gpus or 1,
                 "num_cpus": stage.resources.num_cpus, **ACTOR_RETRIES, **extra}, "auto"
     size = options.actors or 1
-    return {"compute": ActorPoolStrategy(min_size=1, max_size=size), "num_cpus": CPU_ACTOR_CPUS, **ACTOR_RETRIES,
-            **extra}, "cpu"
+    return {"compute": pool(size), "num_cpus": cpu_actor_threads(size),
+            **ACTOR_RETRIES, **extra}, "cpu"
 
 
 class StageActor:
@@ -149,7 +172,10 @@ class StageActor:
 
     def __init__(self, stage: Stage, device: str):
         import ray
+        import torch
 
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))  # the CPUs this actor declared, no more (Ray also sets OMP's)
         self.stage = stage
         stage.setup(device)
         self.node = ray.get_runtime_context().get_node_id()

@@ -115,13 +115,15 @@ def test_model_stages_declare_gpus_and_scale_with_the_cluster(monkeypatch):
     from pipelines import runtime
 
     stage = InvertStage()
+    monkeypatch.setattr(runtime, "cpu_actor_threads", lambda actors: 7)
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0, 8))  # autoscaling cluster, no GPU node yet
     args, device = runtime.actor_pool(stage, RunOptions())
     assert (args["compute"].min_size, args["compute"].max_size, args["num_gpus"], device) == (1, 8, 1, "auto")
     assert args["max_restarts"] == runtime.RETRIES
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0, 0))  # no GPUs anywhere
     args, device = runtime.actor_pool(stage, RunOptions())
-    assert "num_gpus" not in args and device == "cpu" and args["compute"].max_size == 1
+    assert "num_gpus" not in args and device == "cpu" and args["compute"].max_size == 1 and args["num_cpus"] == 7
+    assert args["compute"].enable_true_multi_threading  # calls on the actor's main thread (see runtime.pool)
     args, device = runtime.actor_pool(stage, RunOptions(device="cuda", actors=3, resources={"pin": 1}))
     assert (args["num_gpus"], args["compute"].max_size, args["resources"], device) == (1, 3, {"pin": 1}, "auto")
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (2, 2))
@@ -153,3 +155,22 @@ def test_invert_recipe_fields_reach_the_engine():
     resolved = dataclasses.replace(stage.invert, space="fwplus").resolved()
     assert (resolved.f_weight, resolved.lr, resolved.steps, resolved.optimize_noise) == (0.01, 0.05, 1200, False)
     assert InvertConfig().optimize_noise is None  # the engine keeps the space's recipe
+
+
+def test_cpu_actors_share_the_cores_and_leave_a_cpu_for_the_tasks(monkeypatch):
+    import os
+
+    import ray
+
+    from pipelines import runtime
+
+    def nodes(*specs):
+        return lambda: [{"Alive": True, "NodeManagerAddress": host, "Resources": {"CPU": cpus}} for host, cpus in specs]
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(ray, "nodes", nodes(("h", 16)))  # local Ray over-commits: 16 logical on 8 cores
+    assert [runtime.cpu_actor_threads(a) for a in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    monkeypatch.setattr(ray, "nodes", nodes(("h", 4)))
+    assert runtime.cpu_actor_threads(1) == 3  # never all the logical CPUs: the tasks need one
+    monkeypatch.setattr(ray, "nodes", nodes(("a", 32), ("b", 8)))  # a cluster: the smallest node decides
+    assert runtime.cpu_actor_threads(1) == 7 and runtime.cpu_actor_threads(2) == 3
