@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ops.stage import Aggregate, Context, Provenance, Resources, Result, resolve_device
+from ops.stage import Aggregate, Context, Provenance, Resources, Result
 
 
 class RunningStats:
@@ -306,12 +306,9 @@ class ChannelsStage(Aggregate):
         return set(sorted(usable)[:cfg.local_sample])
 
     def setup(self, device: str = "cpu") -> None:
-        from models.checkpoints import load_generator
-        from ops.invert_stage import generator_path
+        from ops.invert_stage import generator_on
 
-        self.G = None
-        if self.uses_models:
-            self.G = load_generator(generator_path(self.generator)).to(resolve_device(device))
+        self.G = generator_on(self.generator, device) if self.uses_models else None
 
     def partial(self, batch: dict[str, np.ndarray]) -> dict:
         ok = np.flatnonzero(np.asarray(batch["status"]) == "ok")

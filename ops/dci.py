@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from ops.stage import Aggregate, Context, Provenance, Resources, Result, resolve_device
+from ops.stage import Aggregate, Context, Provenance, Resources, Result
 
 
 def entropy(p: np.ndarray, base: int, axis: int) -> np.ndarray:
@@ -171,11 +171,9 @@ class DciStage(Aggregate):
         return names, {str(k): v for k, v in zip(columns["key"], values)}, digest
 
     def setup(self, device: str = "cpu") -> None:
-        from models.checkpoints import load_generator
-        from ops.invert_stage import generator_path
+        from ops.invert_stage import generator_on
 
-        self.G = load_generator(generator_path(self.generator)).to(resolve_device(device)) if self.uses_models \
-            else None
+        self.G = generator_on(self.generator, device) if self.uses_models else None
 
     def partial(self, batch: dict[str, np.ndarray]) -> dict:
         """The codes of this batch's ok rows that have finite factors, per space, keyed."""

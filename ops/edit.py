@@ -297,11 +297,9 @@ class EditStage(Stage):
         return Provenance(checkpoints=digests, fingerprint={"edits": [config_dict(e) for e in self.edits]})
 
     def setup(self, device: str = "cpu") -> None:
-        from models.checkpoints import load_generator
-        from ops.invert_stage import generator_path
-        from ops.stage import resolve_device
+        from ops.invert_stage import generator_on
 
-        self.G = load_generator(generator_path(self.generator)).to(resolve_device(device))
+        self.G = generator_on(self.generator, device)
         self.device = self.G.input.input.device
         if self.std is None and any(e.kind == "channel" for e in self.edits):
             self.std = channel_std(self.G, cache_dir=self.config.cache_dir).numpy()

@@ -41,6 +41,14 @@ def generator_path(path: str) -> str:
     return path or str(DEFAULT_GENERATOR_PATH)
 
 
+def generator_on(path: str, device: str = "cpu"):
+    """The generator at `path` ("": the bundled one), frozen, on `device` (auto: cuda when this process sees one)."""
+    from models.checkpoints import load_generator
+    from ops.stage import resolve_device
+
+    return load_generator(generator_path(path)).to(resolve_device(device))
+
+
 def latent_shapes(G, spaces, base_level: int) -> dict[str, tuple[int, ...]]:
     """The stored latent columns of these spaces and their per-row shapes."""
     shapes = {"w": (G.style_dim,), "wplus": (G.n_latent, G.style_dim), "styles": (G.n_styles,),
@@ -93,12 +101,10 @@ class InvertStage(Stage):
                           metadata=schema_metadata(G, cfg.generator, cfg.spaces, cfg.invert.base_level))
 
     def setup(self, device: str = "cpu") -> None:
-        from models.checkpoints import load_generator
         from ops.invert import Inverter
-        from ops.stage import resolve_device
 
         cfg = self.config
-        self.G = load_generator(generator_path(cfg.generator)).to(resolve_device(device))
+        self.G = generator_on(cfg.generator, device)
         self.image_size = self.G.size
         self._shapes = latent_shapes(self.G, cfg.spaces, cfg.invert.base_level)
         encoder = None

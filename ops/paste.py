@@ -113,13 +113,9 @@ class PasteStage(Stage):
         return Provenance(checkpoints=checkpoints)
 
     def setup(self, device: str = "cpu") -> None:
-        self.G = None
-        if self.config.space:
-            from models.checkpoints import load_generator
-            from ops.invert_stage import generator_path
-            from ops.stage import resolve_device
+        from ops.invert_stage import generator_on
 
-            self.G = load_generator(generator_path(self.generator)).to(resolve_device(device))
+        self.G = generator_on(self.generator, device) if self.config.space else None
 
     def preview_columns(self) -> tuple[str, ...]:
         return ("original", "recon_pasted")

@@ -1,5 +1,5 @@
 """`latentray import`: latents saved by other tools (rosinality or NVIDIA projector, e4e/pSp, .npy/.npz) -> rows
-of W+ for one generator, readable by every stage that reads invert outputs (models/latents.py, ops/import_latents.py)."""
+of W+ for one generator, read by every stage that reads invert outputs (models/latents.py, ops/import_latents.py)."""
 
 import numpy as np
 

@@ -79,7 +79,8 @@ def test_the_dci_stage_scores_every_space_of_an_invert_output(tmp_path):
         rows.append(f"{i:02d}.png,{a.mean():.4f},{a.std():.4f}")
     (tmp_path / "attributes.csv").write_text("\n".join(rows) + "\n")
     assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "latents"), "--spaces",
-                 "wplus,s", "--steps", "2", "--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random"]) == 0
+                 "wplus,s", "--steps", "2", "--align", "none", "--lpips-net", "alex",
+                 "--lpips-backbone", "random"]) == 0
     assert main(["dci", "--input", str(tmp_path / "latents"), "--output", str(tmp_path / "dci"), "--attributes",
                  str(tmp_path / "attributes.csv"), "--spaces", "wplus,s", "--alpha", "0.05"]) == 0
     table = pq.read_table(tmp_path / "dci" / "dci.parquet").to_pydict()

@@ -15,7 +15,7 @@ from ops.geometry import similarity_warp
 from ops.invert import SPACE_DEFAULTS, InvertConfig, invert, learning_rate
 
 FAST = dict(lpips_net="alex", lpips_backbone="random")
-QUALITY = dict(FAST, batch_invariant=False)  # quality checks take the faster batched path (same quality: test_device_path)
+QUALITY = dict(FAST, batch_invariant=False)  # quality checks take the faster batched path (test_device_path)
 
 
 @pytest.fixture(scope="module")
