@@ -30,6 +30,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_channels.py
 	$(PY) benchmarks/bench_destylize.py
+	$(PY) benchmarks/bench_dci.py
+	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_stages.py
 
 clean:
 	rm -rf out .pytest_cache
