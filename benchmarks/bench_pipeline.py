@@ -25,6 +25,7 @@ def measure(images: int, steps: int) -> dict:
     """Loop, cold and warm pipeline seconds for one workload (run in a fresh process)."""
     import torch
 
+    from benchmarks.report import ok_rows
     from ops.align import AlignConfig
     from ops.ingest import IngestConfig, IngestStage, list_inputs
     from ops.invert import InvertConfig
@@ -50,12 +51,9 @@ def measure(images: int, steps: int) -> dict:
             stage.prepare(Context())
             stage.setup()
             ingest = IngestStage.feeding(stage, photos)
-            out.setdefault("loop_setup", time.perf_counter() - t0)  # the first: later ones hit caches
             for i in range(0, len(items), BATCH):
                 chunk = items[i:i + BATCH]
-                batch = {"key": objects([k for k, _ in chunk]), "uri": objects([u for _, u in chunk]),
-                         "status": objects(["ok"] * len(chunk)), "error_code": objects([""] * len(chunk)),
-                         "error": objects([""] * len(chunk))}
+                batch = ok_rows([k for k, _ in chunk], uri=objects([u for _, u in chunk]))
                 runtime.write_batch(stage.process(ingest.process(batch)), str(Path(tmp) / f"loop{run}"), {},
                                     stage.preview_columns())
             return time.perf_counter() - t0

@@ -18,7 +18,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from benchmarks.report import machine_line, write_section  # noqa: E402
+from benchmarks.report import machine_line, ok_rows, write_section  # noqa: E402
 from ops.stage import Context, objects  # noqa: E402
 
 STEPS = 50  # inversion budget (both masked and unmasked)
@@ -26,8 +26,7 @@ STEPS = 50  # inversion budget (both masked and unmasked)
 
 def rows(n: int, **columns) -> dict:
     """A batch of n ok rows with these columns."""
-    return {"key": objects([f"r{i}" for i in range(n)]), "status": objects(["ok"] * n),
-            "error_code": objects([""] * n), "error": objects([""] * n), **columns}
+    return ok_rows([f"r{i}" for i in range(n)], **columns)
 
 
 def per_row(stage, batch: dict, repeats: int = 2) -> float:
