@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo-style bench clean
+.PHONY: install test demo demo-style bench torture clean
+N ?= 50
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +34,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_dci.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_stages.py
+	$(PY) benchmarks/bench_resume.py
+
+torture: $(STAMP)  # N seeded fault scenarios (tests/torture.py); figures in torture.json
+	$(PY) tests/torture.py --seeds 0-$$(($(N)-1)) --report torture.json
 
 clean:
 	rm -rf out .pytest_cache

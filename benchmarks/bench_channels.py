@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import machine_line, write_section  # noqa: E402
 from ops.channels import ChannelsStage  # noqa: E402
 from pipelines import io  # noqa: E402
+from pipelines.lock import OutputLock  # noqa: E402
 from pipelines.runtime import RunOptions, StageOutput, init_ray, run_aggregate  # noqa: E402
 
 WIDTH, PART_ROWS = 9088, 2500
@@ -30,9 +31,10 @@ def write_population(folder: Path, rows: int, seed: int = 0) -> None:
     for start in range(0, rows, PART_ROWS):
         n = min(PART_ROWS, rows - start)
         s = (rng.standard_normal((n, WIDTH), dtype=np.float32) * 0.5 + 1).astype(np.float32)
-        table = pa.table({"key": [f"{i:07d}" for i in range(start, start + n)], "status": ["ok"] * n,
-                          "styles": pa.FixedShapeTensorArray.from_numpy_ndarray(s)})
-        pq.write_table(table, folder / f"part-{start:08d}.parquet")
+        keys = [f"{i:07d}" for i in range(start, start + n)]
+        table = pa.table({"key": keys, "status": ["ok"] * n, "error_code": [""] * n, "input_id": keys,
+                          "row_id": keys, "styles": pa.FixedShapeTensorArray.from_numpy_ndarray(s)})
+        io.write_named(str(folder), "", 1, io.table_bytes(table))
     io.write_json(str(folder), "run.json", {"stage": "invert", "fingerprint": "synthetic"})
 
 
@@ -45,7 +47,8 @@ def population_stats(folder: Path, out: Path):
     stage.input_columns = ("key", "status", "styles")
     source = StageOutput(str(folder))
     source.describe(stage)
-    run_aggregate(stage, source, str(out), RunOptions(batch_size=512, progress=False))
+    with OutputLock(str(out)) as lock:
+        run_aggregate(stage, source, str(out), "bench", RunOptions(batch_size=512, progress=False), lock)
     table = pq.read_table(out / "population_stats.parquet")
     return table.column("count").to_numpy()[0], table.column("mean").to_numpy(), table.column("std").to_numpy()
 

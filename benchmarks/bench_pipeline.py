@@ -28,6 +28,7 @@ def measure(images: int, steps: int) -> dict:
     from benchmarks.report import ok_rows
     from ops.align import AlignConfig
     from ops.ingest import IngestConfig, IngestStage, list_inputs
+    from pipelines.lock import OutputLock
     from ops.invert import InvertConfig
     from ops.invert_stage import InvertStage, InvertStageConfig
     from ops.stage import Context, objects
@@ -51,11 +52,12 @@ def measure(images: int, steps: int) -> dict:
             stage.prepare(Context())
             stage.setup()
             ingest = IngestStage.feeding(stage, photos)
-            for i in range(0, len(items), BATCH):
-                chunk = items[i:i + BATCH]
-                batch = ok_rows([k for k, _ in chunk], uri=objects([u for _, u in chunk]))
-                runtime.write_batch(stage.process(ingest.process(batch)), str(Path(tmp) / f"loop{run}"), {},
-                                    stage.preview_columns())
+            with OutputLock(str(Path(tmp) / f"loop{run}")) as lock:
+                for i in range(0, len(items), BATCH):
+                    chunk = items[i:i + BATCH]
+                    batch = ok_rows([k for k, _ in chunk], uri=objects([u for _, u in chunk]))
+                    runtime.write_batch(stage.process(ingest.process(batch)), str(Path(tmp) / f"loop{run}"),
+                                        {"fingerprint": "loop"}, stage.preview_columns(), lock.ticket, "key")
             return time.perf_counter() - t0
 
         def pipeline(name: str) -> float:

@@ -46,35 +46,45 @@ class DecodeError(Exception):
 
 
 def list_inputs(inputs: list[str]) -> list[tuple[str, str]]:
-    """(key, uri) for every input image, sorted by key. A directory gives keys relative to it (recursive, image
-    extensions only), prefixed by the directory's own name when several inputs are given; a glob gives the full
-    path/URI of each match; a plain file or URI is its own key. Two different files with one key are refused,
-    naming both (never a silently dropped input)."""
+    """(key, uri) for every input image, sorted by key (see `list_input_files`)."""
+    return [(key, uri) for key, uri, _ in list_input_files(inputs)]
+
+
+def list_input_files(inputs: list[str]) -> list[tuple[str, str, dict]]:
+    """(key, uri, listing info: size, mtime or ETag) for every input image, sorted by key, from the listing calls
+    alone (no extra read per file). A directory gives keys relative to it (recursive, image extensions only),
+    prefixed by the directory's own name when several inputs are given; a glob gives the full path/URI of each
+    match; a plain file or URI is its own key. Two different files with one key are refused, naming both (never a
+    silently dropped input)."""
     import fsspec
 
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, dict]] = {}
 
-    def add(key: str, uri: str) -> None:
-        if found.setdefault(key, uri) != uri:
-            raise ValueError(f"inputs {found[key]} and {uri} would both be stored as key {key!r}; give their "
+    def add(key: str, uri: str, info: dict) -> None:
+        if found.setdefault(key, (uri, info))[0] != uri:
+            raise ValueError(f"inputs {found[key][0]} and {uri} would both be stored as key {key!r}; give their "
                              "folders distinct names or pass them as separate runs")
 
     for spec in inputs:
         fs, root = fsspec.core.url_to_fs(spec)
         prefix = spec.split("://")[0] + "://" if "://" in spec else ""
         if any(ch in spec for ch in "*?["):
-            for path in fs.glob(root):
-                if not path.lower().endswith(MASK_SUFFIX):
-                    add(prefix + path, prefix + path)
+            for path, info in sorted(fs.glob(root, detail=True).items()):
+                if not path.lower().endswith(MASK_SUFFIX) and info.get("type") != "directory":
+                    add(prefix + path, prefix + path, info)
         elif fs.isdir(root):
             name = posixpath.basename(root.rstrip("/"))
-            for path in fs.find(root):
+            for path, info in sorted(fs.find(root, detail=True).items()):
                 if is_image(path):
                     rel = posixpath.relpath(path, root)
-                    add(f"{name}/{rel}" if len(inputs) > 1 else rel, prefix + path)
+                    add(f"{name}/{rel}" if len(inputs) > 1 else rel, prefix + path, info)
         else:
-            add(spec, spec)
-    return sorted(found.items())
+            try:
+                info = fs.info(root)
+            except FileNotFoundError:  # a missing file is still one row (read_error), never dropped
+                info = {"size": -1}
+            add(spec, spec, info)
+    return sorted((key, uri, info) for key, (uri, info) in found.items())
 
 
 def read_bytes(uri: str) -> bytes:
@@ -229,6 +239,7 @@ class IngestStage(Stage):
     name = "ingest"
     Config = IngestConfig
     batch_size = 8
+    describes_input = ("sha256",)  # a photo that fails to decode or align still says which bytes it was
 
     def __init__(self, config: IngestConfig | None = None, keep_pixels: bool = True):
         from models.default_generator import ARCHITECTURE as BUNDLED
@@ -296,6 +307,7 @@ class DecodeStage(Stage):
 
     name = "decode"
     Config = DecodeOnlyConfig
+    describes_input = ("sha256",)
 
     def blank(self, n: int) -> dict[str, np.ndarray]:
         return {"sha256": objects([""] * n), "image": objects([b""] * n)}

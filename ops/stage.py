@@ -137,6 +137,7 @@ class Stage:
     uses_models = False  # True: an actor pool (models loaded once per actor); False: stateless tasks
     required: tuple[str, ...] = ()  # Config fields that must be given (no usable default)
     input_columns: tuple[str, ...] | None = None  # columns read from a stage output (None: all, carried through)
+    describes_input: tuple[str, ...] = ()  # columns about the input's bytes, kept on a failed row (e.g. sha256)
     image_size: int | None = None  # the square size its `image` input must have (set by prepare/__init__)
 
     def __init__(self, config=None):
@@ -241,7 +242,8 @@ class Stage:
         stage wrote for them (NaN, never null)."""
         out["status"][rows], out["error_code"][rows], out["error"][rows] = status, code, message
         for column, value in self.blank(len(rows)).items():
-            out[column][rows] = value
+            if column not in self.describes_input:
+                out[column][rows] = value
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pipelines.runtime import RunOptions
 ADAPTERS = {a.stage.name: a for a in (ingest.ADAPTER, invert.ADAPTER, import_latents.ADAPTER, edit.ADAPTER,
                                       channels.ADAPTER, dci.ADAPTER, paste.ADAPTER, destylize.ADAPTER,
                                       stylize.ADAPTER, translate.ADAPTER)}
-EXIT_ERROR, EXIT_LOCKED = 2, 3
+EXIT_FOUND, EXIT_ERROR, EXIT_LOCKED = 1, 2, 3  # verify found damage; bad input or failure; output in use
 
 
 # ----- options from dataclass fields ---------------------------------------------------------------------------
@@ -212,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="rows by status and the configuration of a stage output")
     p.add_argument("--input", required=True)
     p.set_defaults(func=cmd_describe)
+    p = sub.add_parser("verify", help="read every file of an output whole: checksums, parsing, the index; "
+                                      "quarantine what is damaged (exit 1 when anything was found)")
+    p.add_argument("output_dir", metavar="OUT", help="stage output directory or s3:// prefix")
+    p.add_argument("--no-repair", action="store_true", help="only report: quarantine nothing, take no lease")
+    p.add_argument("--wait", action="store_true", help="wait while another run holds the output")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("compact", help="merge an output's small parts into parts of tens of MB (atomic; the index "
+                                       "follows)")
+    p.add_argument("output_dir", metavar="OUT", help="stage output directory or s3:// prefix")
+    p.add_argument("--target-mb", type=float, default=32.0, help="size of the parts made (default 32)")
+    p.add_argument("--wait", action="store_true", help="wait while another run holds the output")
+    p.set_defaults(func=cmd_compact)
     p = sub.add_parser("convert", help="convert a checkpoint to latentray's own format (no pickle path on reload)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -358,22 +370,57 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from pipelines.io import export_latents
+    from pipelines.export import export_latents
 
     n = export_latents(args.input, args.output, args.column)
     print(f"exported {n} ok rows of {args.column} from {args.input} to {args.output}")
 
 
 def cmd_describe(args) -> None:
-    from pipelines.io import read_dataset, read_json
+    from pipelines import index, io
 
-    table = read_dataset(args.input, ["status", "error_code"])
-    statuses = table.column("status").to_pylist() if len(table) else []
-    run = read_json(args.input, "run.json") or {}
+    state = index.load(args.input)
+    statuses = state.winners.column("status").to_pylist()
+    run = io.read_json(args.input, "run.json") or {}
     print(json.dumps({"rows": len(statuses), "by_status": {s: statuses.count(s) for s in sorted(set(statuses))},
+                      "parts": len(state.parts), "damaged": [p for p, _ in state.damaged],
                       "stage": run.get("stage"), "fingerprint": run.get("fingerprint"),
                       "schema_version": run.get("schema_version", 1), "config": run.get("config"),
                       "runs": len(run.get("runs", []))}, indent=1, default=str))
+
+
+def cmd_verify(args) -> int:
+    """Read every file of an output whole; quarantine what is damaged (holding the output's lease)."""
+    from pipelines import index
+    from pipelines.lock import OutputLock
+
+    if args.no_repair:
+        report = index.verify(args.output_dir, repair=False)
+    else:
+        with OutputLock(args.output_dir, wait=args.wait) as lock:
+            report = index.verify(args.output_dir, repair=True, gen=lock.gen, fence=lock.check)
+    print(json.dumps(report, indent=1, default=str))
+    where = f"{args.output_dir}: {report['parts']} parts, {report['rows']} rows"
+    if report["clean"]:
+        print(f"verify: {where}: clean")
+        return 0
+    print(f"verify: {where}: {len(report['damaged'])} damaged file(s) ({len(report['quarantined'])} quarantined), "
+          f"{len(report['index_mismatches'])} index mismatch(es), {report['duplicate_keys']} duplicate copies, "
+          f"{len(report['stale_parts'])} stale part(s); rerun the stage to redo the rows of quarantined parts",
+          file=sys.stderr)
+    return EXIT_FOUND
+
+
+def cmd_compact(args) -> None:
+    """Merge an output's small parts into parts of about --target-mb, atomically, and consolidate its index."""
+    from pipelines import index, io
+    from pipelines.lock import OutputLock
+
+    with OutputLock(args.output_dir, wait=args.wait) as lock:
+        run = io.read_json(args.output_dir, "run.json") or {}
+        state = index.load(args.output_dir, repair=True, fingerprint=run.get("fingerprint"))
+        counts = index.tidy(args.output_dir, state, lock.gen, lock.check, target=int(args.target_mb * 2**20))
+    print(f"compact: {args.output_dir}: {counts['parts_before']} parts -> {counts['parts_after']}")
 
 
 def cmd_fetch_weights(args) -> None:
@@ -386,20 +433,20 @@ def cmd_fetch_weights(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from models.checkpoints import CheckpointError
     from pipelines.io import StorageError
-    from pipelines.lock import OutputLocked
+    from pipelines.lock import LeaseLost, OutputLocked
     from pipelines.runtime import StageFailed
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
-    except OutputLocked as exc:
+        code = args.func(args)
+    except (OutputLocked, LeaseLost) as exc:
         print(f"latentray: {exc}", file=sys.stderr)
         return EXIT_LOCKED
     except (CheckpointError, ValueError, FileNotFoundError, StorageError, StageFailed) as exc:
         print(f"latentray: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from ops.ingest import IngestConfig
 from ops.invert import LOW_CONTRAST_F_WEIGHT, InvertConfig
 from ops.invert_stage import InvertStageConfig
 from pipelines import invert
-from pipelines.io import read_dataset
+from pipelines.index import read_dataset
 from pipelines.runtime import RunOptions, run
 
 ENCODER = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")

@@ -1,10 +1,14 @@
-"""Storage of stage outputs (DESIGN §4), local or on object stores through fsspec: atomic writes, part files with
-Arrow canonical fixed-shape tensor columns, and the scan a resume starts from. No Ray.
+"""Storage of stage outputs (DESIGN §4), local or on object stores through fsspec. No Ray.
 
-Every write is atomic: locally a temp name then a rename, on object stores one PUT. Reads that fail for a storage
-reason (timeouts, throttling, permissions) are retried with backoff and then stop the run; they are never taken for
-a damaged file. A part that does not parse twice in a row is damaged: it is moved to `<out>/quarantine/` (bytes
-kept) and its rows are redone.
+Two kinds of failure are never confused:
+* *fetching* (timeouts, throttling, 403, connection errors, a short read): retried with backoff, then StorageError,
+  which stops the run with nothing changed;
+* *parsing* bytes that were fetched whole (any exception, whatever its type, or a checksum that does not match):
+  the file is damaged (`Damaged`); the caller quarantines it with its bytes and redoes its rows.
+
+Every write is atomic (locally a temp name then a rename, on object stores one PUT) and retried. Parts are
+content-addressed: `part-<lease generation>-<sha256 prefix of the bytes>.parquet`, with Parquet page checksums, so
+any damaged byte is found by `verify` and by a resume that reads the part. JSON files carry their own checksum.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
 import sys
 import time
-from dataclasses import dataclass, field
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -24,13 +31,17 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from ops.stage import objects
+from pipelines import faults
 
 # Version of the row schema and file layout. Part of every fingerprint: an output written under another schema is
-# never resumed into (pass --overwrite). 2: uri column, lease, quarantine, part replacement, run history.
-SCHEMA_VERSION = 2
+# never resumed into (pass --overwrite). 3: input identity (input_id, row_id), content-addressed parts with page
+# checksums, the output index, generation leases, checksummed JSON.
+SCHEMA_VERSION = 3
 QUARANTINE = "quarantine"
-READ_ATTEMPTS = 4  # a read failing for a storage reason is tried this many times, backing off 0.5, 1, 2 s
-READ_BACKOFF = 0.5
+ATTEMPTS = 4  # a storage operation failing is tried this many times, backing off 0.5, 1, 2 s
+BACKOFF = 0.5
+CONCURRENCY = 16  # parallel reads of small files on object stores (each one request)
+NAMED_RE = re.compile(r"^(part|seg)-(\d+)-([0-9a-f]{24})\.parquet$")  # content-addressed parts, index segments
 # Pixels travel between stages (the input image, the photo's thumbnail, reconstructions for previews) but are not
 # part of a stage's stored rows; nor are columns starting with "_" (runtime bookkeeping).
 NOT_STORED = ("image", "original")
@@ -40,8 +51,8 @@ class StorageError(OSError):
     """Storage kept failing: the run stops and changes nothing it could not read."""
 
 
-class DamagedPart(ValueError):
-    """A part that does not parse (a writer killed mid-write, a file damaged in storage)."""
+class Damaged(ValueError):
+    """A file fetched whole that does not parse or fails its checksum."""
 
 
 def url_to_fs(out_dir: str):
@@ -52,13 +63,14 @@ def is_local(out_dir: str) -> bool:
     return isinstance(url_to_fs(out_dir)[0], LocalFileSystem)
 
 
-def retrying(action, what: str, attempts: int = READ_ATTEMPTS, backoff: float = READ_BACKOFF):
-    """Run `action`; a failure of the storage (anything but a parse error or a missing file) is retried with
-    exponential backoff, then raised as StorageError."""
+def retrying(action, what: str, attempts: int = ATTEMPTS, backoff: float | None = None):
+    """Run `action`; any failure but a missing or existing file is retried with exponential backoff, then raised
+    as StorageError. Only storage operations go through here: parsing never does."""
+    backoff = BACKOFF if backoff is None else backoff
     for attempt in range(attempts):
         try:
             return action()
-        except (pa.ArrowInvalid, FileNotFoundError, NotADirectoryError, DamagedPart):
+        except (FileNotFoundError, NotADirectoryError, FileExistsError):
             raise
         except Exception as exc:
             if attempt == attempts - 1:
@@ -67,44 +79,170 @@ def retrying(action, what: str, attempts: int = READ_ATTEMPTS, backoff: float = 
             time.sleep(backoff * 2**attempt)
 
 
+def join(out_dir: str, name: str) -> tuple:
+    fs, root = url_to_fs(out_dir)
+    return fs, posixpath.join(root, name)
+
+
+# ----- fetching --------------------------------------------------------------------------------------------------
+def fetch(fs, path: str, size: int | None = None) -> bytes:
+    """A whole file (retried); a read shorter than the listed `size` is a storage failure, never damage."""
+    def read():
+        data = fs.cat_file(path)
+        if size is not None and len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes")
+        return data
+
+    return retrying(read, f"reading {path}")
+
+
+def read_file(uri: str) -> bytes:
+    fs, path = url_to_fs(uri)
+    return fetch(fs, path)
+
+
+def listing(fs, folder: str) -> dict[str, dict]:
+    """{basename: info} of a folder (one LIST, retried, never from a cache: other processes write here); {} when it
+    does not exist."""
+    def ls():
+        fs.invalidate_cache(folder)
+        return fs.ls(folder, detail=True)
+
+    try:
+        infos = retrying(ls, f"listing {folder}")
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {posixpath.basename(i["name"].rstrip("/")): i for i in infos}
+
+
+def modified(info: dict) -> float:
+    """A listed file's modification time (s since the epoch)."""
+    mtime = info.get("mtime", info.get("LastModified", 0))
+    return mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime or 0)
+
+
+def version_of(info: dict) -> str:
+    """What changes whenever a file is rewritten: its ETag on object stores, its mtime locally."""
+    return str(info["ETag"]).strip('"') if info.get("ETag") else repr(modified(info))
+
+
+def map_bounded(function, items, workers: int = CONCURRENCY) -> list:
+    """`function` over items with at most `workers` requests in flight (object stores); in order."""
+    items = list(items)
+    if len(items) <= 1:
+        return [function(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
 # ----- atomic writes -------------------------------------------------------------------------------------------
 def write_bytes(out_dir: str, name: str, data: bytes) -> str:
-    """Write `<out_dir>/<name>` atomically (temp + rename locally, one PUT on object stores)."""
-    fs, root = url_to_fs(out_dir)
-    path = posixpath.join(root, name)
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
-        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{posixpath.basename(path)}")
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    """Write `<out_dir>/<name>` atomically (temp + rename locally, one PUT on object stores), retried."""
+    fs, path = join(out_dir, name)
+
+    def write():
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if isinstance(fs, LocalFileSystem):
+            tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex[:8]}-{posixpath.basename(path)}")
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            faults.point("write")
+            os.replace(tmp, path)
+        else:
+            faults.point("write")
+            fs.pipe_file(path, data)
+
+    retrying(write, f"writing {path}")
     return path
 
 
+def create_exclusive(fs, path: str, data: bytes) -> bool:
+    """Create `path` holding `data` only if it does not exist: True if this call created it. Race-free locally (a
+    hard link of a complete temp file fails when the name exists) and on S3 (a conditional PUT, If-None-Match);
+    other stores: exists-check then write (best effort, see README)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    if "s3" in fs.protocol or "s3a" in fs.protocol:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except Exception as exc:  # s3fs maps 412 PreconditionFailed to an OSError/FileExistsError
+            if isinstance(exc, FileExistsError) or "PreconditionFailed" in repr(exc) or "412" in str(exc):
+                return False
+            raise
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
+
+
+def remove(fs, path: str) -> None:
+    """Remove a file; already gone is fine (a retried remove whose first attempt went through)."""
+    try:
+        retrying(lambda: fs.rm(path), f"removing {path}")
+    except FileNotFoundError:
+        pass
+
+
+# ----- JSON with its own checksum --------------------------------------------------------------------------------
+def canonical_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def json_bytes(obj: dict) -> bytes:
+    """Plain, readable JSON whose `checksum` field is the sha256 of every other field (canonical form)."""
+    body = json.loads(json.dumps({k: v for k, v in obj.items() if k != "checksum"}, default=str))
+    return json.dumps({**body, "checksum": canonical_digest(body)}, indent=1, sort_keys=True).encode()
+
+
+def parse_json(data: bytes, what: str) -> dict:
+    try:
+        body = json.loads(data)
+        if "checksum" not in body:  # written before checksums (schema <= 2): read as it is
+            return body
+        if canonical_digest({k: v for k, v in body.items() if k != "checksum"}) != body.pop("checksum"):
+            raise ValueError("checksum does not match")
+        return body
+    except Exception as exc:
+        raise Damaged(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
 def write_json(out_dir: str, name: str, obj: dict) -> None:
-    write_bytes(out_dir, name, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    write_bytes(out_dir, name, json_bytes(obj))
 
 
 def read_json(out_dir: str, name: str) -> dict | None:
-    fs, root = url_to_fs(out_dir)
-    path = posixpath.join(root, name)
-
-    def read():
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read())
-
+    """A JSON file of ours, None when absent; Damaged when it does not parse or fails its checksum."""
+    fs, path = join(out_dir, name)
     try:
-        return retrying(read, f"reading {path}")
+        return parse_json(fetch(fs, path), path)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
+# ----- Parquet ------------------------------------------------------------------------------------------------------
 def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, write_page_checksum=True)
     return buf.getvalue()
+
+
+def parse_table(data: bytes, what: str, columns: list[str] | None = None) -> pa.Table:
+    """Parquet bytes -> table, page checksums verified; any failure means the bytes are damaged."""
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns, page_checksum_verification=True)
+    except Exception as exc:  # ArrowInvalid, OSError ("Couldn't deserialize thrift"), KeyError, ... all the same
+        raise Damaged(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 def write_table(out_dir: str, name: str, table: pa.Table) -> str:
@@ -118,7 +256,6 @@ def write_png(out_dir: str, name: str, image: np.ndarray) -> None:
     write_bytes(out_dir, name, encode_png(image))
 
 
-# ----- part files ------------------------------------------------------------------------------------------------
 def is_stored(name: str) -> bool:
     return name not in NOT_STORED and not name.startswith(("recon_", "_"))
 
@@ -139,8 +276,7 @@ def to_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
         else:
             arrays.append(pa.array(values))
         names.append(name)
-    table = pa.Table.from_arrays(arrays, names=names)
-    return with_metadata(table, metadata)
+    return with_metadata(pa.Table.from_arrays(arrays, names=names), metadata)
 
 
 def with_metadata(table: pa.Table, metadata: dict) -> pa.Table:
@@ -152,171 +288,67 @@ def table_metadata(schema: pa.Schema) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def part_name(keys) -> str:
-    """Named after the keys it holds: a retried batch rewrites the same part instead of adding a duplicate."""
-    return f"part-{hashlib.sha256(chr(0).join(map(str, keys)).encode()).hexdigest()[:20]}.parquet"
+def part_name(gen: int, data: bytes, kind: str = "part") -> str:
+    """Content-addressed: the writer's lease generation, then the checksum of the bytes."""
+    return f"{kind}-{gen:08d}-{hashlib.sha256(data).hexdigest()[:24]}.parquet"
 
 
-def write_part(table: pa.Table, out_dir: str) -> str:
-    return write_bytes(out_dir, part_name(table.column("key").to_pylist()), table_bytes(table))
+def name_checksum(name: str) -> str | None:
+    """The checksum a content-addressed name carries (None for other names)."""
+    match = NAMED_RE.match(name)
+    return match.group(3) if match else None
 
 
-def part_paths(out_dir: str) -> list[str]:
-    """The part files of a stage output, as paths of its filesystem (no protocol)."""
+def name_generation(name: str) -> int:
+    match = NAMED_RE.match(name)
+    return int(match.group(2)) if match else 0
+
+
+def check_named_bytes(name: str, data: bytes, what: str) -> None:
+    expected = name_checksum(name)
+    if expected is not None and hashlib.sha256(data).hexdigest()[:24] != expected:
+        raise Damaged(f"{what}: checksum does not match its name")
+
+
+def write_named(out_dir: str, folder: str, gen: int, data: bytes, kind: str = "part") -> tuple[str, dict]:
+    """Write content-addressed bytes under `folder` ("" for the output itself); returns (name, {size, version})."""
+    name = posixpath.join(folder, part_name(gen, data, kind)) if folder else part_name(gen, data, kind)
+    path = write_bytes(out_dir, name, data)
+    fs = url_to_fs(out_dir)[0]
+    info = retrying(lambda: fs.info(path), f"stat {path}")
+    return posixpath.basename(name), {"size": int(info["size"]), "version": version_of(info)}
+
+
+# ----- quarantine, clearing -------------------------------------------------------------------------------------
+def quarantine(out_dir: str, path: str, reason: str = "") -> str:
+    """Move a damaged file into `<out>/quarantine/` under a name that never collides (its bytes kept for
+    inspection); returns the new path."""
     fs, root = url_to_fs(out_dir)
-    if not fs.exists(root):
-        return []
-    names = retrying(lambda: fs.ls(root, detail=False), f"listing {out_dir}")
-    return sorted(p for p in names if posixpath.basename(p).startswith("part-") and p.endswith(".parquet"))
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    dest = posixpath.join(root, QUARANTINE, f"{stamp}-{uuid.uuid4().hex[:8]}-{posixpath.basename(path)}")
+    retrying(lambda: fs.makedirs(posixpath.dirname(dest), exist_ok=True), f"creating {dest}")
 
-
-@dataclass
-class PartIndex:
-    """What a resume needs to know of one part: its rows' units (input keys), statuses and codes."""
-
-    path: str
-    units: list[str]
-    status: list[str]
-    error_code: list[str]
-    replaces: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.path)
-
-
-def read_part_table(fs, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One part, retried on storage errors; a part that fails to parse twice (fresh opens) is DamagedPart."""
-    def read():
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).read(columns=columns)
-
-    for attempt in range(2):
+    def move():
         try:
-            return retrying(read, f"reading {path}")
-        except pa.ArrowInvalid as exc:
-            if attempt:
-                raise DamagedPart(f"{path}: {exc}") from None
+            fs.mv(path, dest)
+        except FileNotFoundError:
+            if not fs.exists(dest):  # a retried move whose first attempt went through is fine
+                raise
 
-
-def read_part_index(fs, path: str, unit_column: str) -> PartIndex:
-    columns = ["key", "status", "error_code"] + ([unit_column] if unit_column != "key" else [])
-    table = read_part_table(fs, path, columns)
-    return PartIndex(path, table.column(unit_column).to_pylist(), table.column("status").to_pylist(),
-                     table.column("error_code").to_pylist(), table_metadata(table.schema).get("replaces", []))
-
-
-def quarantine(out_dir: str, path: str) -> str:
-    """Move a damaged part into `<out>/quarantine/` (its bytes kept for inspection); returns the new path."""
-    fs, root = url_to_fs(out_dir)
-    dest = posixpath.join(root, QUARANTINE, posixpath.basename(path))
-    fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-    fs.mv(path, dest)
-    print(f"latentray: quarantined damaged part {path} -> {dest}; its rows are redone", file=sys.stderr)
+    retrying(move, f"quarantining {path}")
+    print(f"latentray: quarantined damaged file {path} -> {dest}{': ' + reason if reason else ''}", file=sys.stderr)
     return dest
 
 
-@dataclass
-class Scan:
-    parts: list[PartIndex]
-    quarantined: list[str]
-
-
-def scan_output(out_dir: str, unit_column: str, repair: bool = True) -> Scan:
-    """Index every part of an output. With `repair`: stray temp files (writes that never finished) are removed,
-    damaged parts quarantined, parts that a newer part replaces removed (a run killed between writing the
-    replacement and removing the original), and a unit found in several parts is kept in the first only."""
-    fs, root = url_to_fs(out_dir)
-    if not fs.exists(root):
-        return Scan([], [])
-    quarantined, parts = [], []
-    names = retrying(lambda: fs.ls(root, detail=False), f"listing {out_dir}")
-    for path in sorted(names):
-        base = posixpath.basename(path)
-        if base.startswith(".tmp-") and repair:
-            fs.rm(path)
-        elif base.startswith("part-") and base.endswith(".parquet"):
-            try:
-                parts.append(read_part_index(fs, path, unit_column))
-            except FileNotFoundError:
-                continue
-            except DamagedPart:
-                if repair:
-                    quarantined.append(quarantine(out_dir, path))
-    replaced = {name for p in parts for name in p.replaces}
-    stale = [p for p in parts if p.name in replaced]
-    parts = [p for p in parts if p.name not in replaced]
-    if repair:
-        for p in stale:
-            fs.rm(p.path)
-        seen: set[str] = set()
-        for p in list(parts):
-            duplicates = set(p.units) & seen
-            seen |= set(p.units)
-            if duplicates:
-                parts = drop_units(out_dir, parts, duplicates, only=[p])
-    return Scan(parts, quarantined)
-
-
-def drop_units(out_dir: str, parts: list[PartIndex], units: set[str], only: list[PartIndex] | None = None
-               ) -> list[PartIndex]:
-    """Take the rows of `units` out of the parts holding them (all of them, or `only` these): each such part is
-    rewritten without them (the new part records that it replaces the old one) and the old one removed. Returns
-    the index of the parts afterwards."""
-    fs, _ = url_to_fs(out_dir)
-    out = []
-    for part in parts:
-        if (only is not None and part not in only) or not units & set(part.units):
-            out.append(part)
-            continue
-        keep = np.array([u not in units for u in part.units], dtype=bool)
-        if keep.any():
-            table = read_part_table(fs, part.path).filter(pa.array(keep))
-            meta = {**table_metadata(table.schema), "replaces": [part.name]}
-            path = write_part(with_metadata(table, meta), out_dir)
-            out.append(PartIndex(path, [u for u, k in zip(part.units, keep) if k],
-                                 [s for s, k in zip(part.status, keep) if k],
-                                 [c for c, k in zip(part.error_code, keep) if k], [part.name]))
-        fs.rm(part.path)
-    return out
-
-
 def clear_output(out_dir: str, keep: tuple[str, ...]) -> None:
-    """Remove everything in an output except the named entries (--overwrite keeps the lease it holds)."""
+    """Remove everything in an output except the named entries; the quarantine is always kept."""
     fs, root = url_to_fs(out_dir)
-    if fs.exists(root):
-        for path in fs.ls(root, detail=False):
-            if posixpath.basename(path) not in keep:
-                fs.rm(path, recursive=True)
+    for name, info in listing(fs, root).items():
+        if name not in (*keep, QUARANTINE):
+            retrying(lambda: fs.rm(info["name"], recursive=True), f"removing {info['name']}")
 
 
-# ----- reading outputs -------------------------------------------------------------------------------------------
-def arrow_filesystem(out_dir: str):
-    """A pyarrow filesystem for `part_paths`: native for local paths, fsspec's (S3) wrapped otherwise."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem as ArrowLocal, PyFileSystem
-
-    fs = url_to_fs(out_dir)[0]
-    return ArrowLocal() if isinstance(fs, LocalFileSystem) else PyFileSystem(FSSpecHandler(fs))
-
-
-def read_dataset(out_dir: str, columns: list[str] | None = None, filters=None) -> pa.Table:
-    """All parts of a stage output as one table (plain pyarrow), optionally only rows passing `filters`."""
-    fs, _ = url_to_fs(out_dir)
-    tables = []
-    for path in part_paths(out_dir):
-        def read(path=path):
-            with fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=columns, filters=filters)
-        tables.append(retrying(read, f"reading {path}"))
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
-def read_rows(out_dir: str, keys, columns: list[str], key_column: str = "key") -> pa.Table:
-    """Only the rows whose `key_column` is one of `keys` (a filter pushed into each part read)."""
-    columns = [key_column, *[c for c in columns if c != key_column]]
-    return read_dataset(out_dir, columns, filters=[(key_column, "in", list(keys))])
-
-
+# ----- columns -------------------------------------------------------------------------------------------------------
 def columns_of(table: pa.Table) -> dict[str, np.ndarray]:
     """A table as numpy columns: tensors [N, ...], numbers as arrays, text and bytes as object arrays."""
     out = {}
@@ -337,34 +369,10 @@ def tensor(table: pa.Table, column: str) -> np.ndarray:
     return table.column(column).combine_chunks().to_numpy_ndarray()
 
 
-def read_file(uri: str) -> bytes:
-    fs, path = url_to_fs(uri)
-    return retrying(lambda: fs.cat_file(path), f"reading {uri}")
-
-
 def count_previews(out_dir: str) -> int:
-    fs, root = url_to_fs(out_dir)
-    folder = posixpath.join(root, "previews")
-    return len(fs.ls(folder, detail=False)) if fs.exists(folder) else 0
+    fs, folder = join(out_dir, "previews")
+    return len(listing(fs, folder))
 
 
 def stem(path: str) -> str:
     return posixpath.splitext(posixpath.basename(path))[0]
-
-
-def export_latents(out_dir: str, dest: str, column: str = "wplus") -> int:
-    """Write the ok rows' latents for tools outside latentray: `.npz` (`keys`, `w` as NVIDIA's projector names its
-    array) or `.pt` (rosinality projector style: {key: {"latent": tensor}}). Returns the number of rows."""
-    table = read_dataset(out_dir, ["key", "status", column])
-    ok = np.array([s == "ok" for s in table.column("status").to_pylist()], dtype=bool)
-    keys = [k for k, good in zip(table.column("key").to_pylist(), ok) if good]
-    latents = tensor(table, column)[ok] if len(table) else np.zeros((0,))
-    if dest.endswith(".npz"):
-        np.savez(dest, keys=np.array(keys), w=latents)
-    elif dest.endswith(".pt"):
-        import torch
-
-        torch.save({k: {"latent": torch.from_numpy(np.ascontiguousarray(v))} for k, v in zip(keys, latents)}, dest)
-    else:
-        raise ValueError(f"export destination must end in .npz or .pt, got {dest}")
-    return len(keys)

@@ -46,3 +46,37 @@ def read_parts(out: Path):
 
 def tensor(table, column: str):
     return table.column(column).combine_chunks().to_numpy_ndarray()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    """A real S3 API server (moto) on 127.0.0.1, with the AWS environment pointing at it; yields a boto3 client.
+    Set before Ray starts: local workers inherit the driver's environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    import s3fs
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # clients made for an earlier server must not be reused
+    yield boto3.client("s3", endpoint_url=endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+S3_SECRET = "s3cr3t-value-never-logged"

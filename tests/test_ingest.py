@@ -64,3 +64,22 @@ def test_list_inputs_keys(tmp_path):
     assert list_inputs([str(tmp_path / "c.jpg")]) == [(str(tmp_path / "c.jpg"), str(tmp_path / "c.jpg"))]
     globbed = list_inputs([str(tmp_path / "d" / "*.jpg")])
     assert globbed == [(str(tmp_path / "d" / "a.jpg"),) * 2]
+
+
+def test_a_failed_row_still_names_the_bytes_it_came_from(corpus, tmp_path):
+    """A photo that does not decode is a failed row that still records the sha256 of its bytes."""
+    from ops.align import AlignConfig
+    from ops.ingest import IngestConfig, IngestStage
+    from ops.stage import objects
+
+    names = sorted(corpus)
+    for name in names:
+        (tmp_path / name).write_bytes(corpus[name][0])
+    n = len(names)
+    batch = {"key": objects(names), "uri": objects([str(tmp_path / k) for k in names]), "status": objects(["ok"] * n),
+             "error_code": objects([""] * n), "error": objects([""] * n)}
+    out = IngestStage(IngestConfig(alignment=AlignConfig("none"))).process(batch)
+    assert {"ok", "failed"} <= set(out["status"])
+    import hashlib
+
+    assert list(out["sha256"]) == [hashlib.sha256(corpus[k][0]).hexdigest() for k in names]

@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -153,7 +154,8 @@ def test_population_of_w_plus_latents_goes_through_the_generator(stages):
     equals numpy's statistics of S: partial/merge are exact whatever the batching."""
     import dataclasses
 
-    from pipelines.io import columns_of, read_dataset
+    from pipelines.index import read_dataset
+    from pipelines.io import columns_of
 
     root, G = stages
     stage, _ = channels_stage(root)
@@ -216,3 +218,55 @@ def test_edited_faces_are_pasted_back_into_their_photos(stages):
     for pasted in (same, moved):
         assert pasted.shape == original.shape and 0 < np.any(pasted != original, axis=2).mean() < 0.5
     assert not np.array_equal(same, moved)
+
+
+def test_an_edit_unit_missing_a_row_is_redone_whole(stages, tmp_path):
+    """A fan-out unit (one input's edit rows) counts as done only when all its rows exist: here one row of face.png
+    was never written (a run killed between the two parts Ray split a batch's output into, before the index)."""
+    import json
+    import shutil
+
+    from pipelines import io
+
+    root, _ = stages
+    out = tmp_path / "edits"
+    shutil.copytree(root / "edits", out)
+    table = read_parts(out)
+    keys = table.column("key").to_pylist()
+    units = table.column("source_key").to_pylist()
+    lost = next(k for k, u in zip(keys, units) if u == "face.png")
+    for part in out.glob("part-*.parquet"):
+        part.unlink()
+    shutil.rmtree(out / "_index")
+    kept = table.filter(pc.not_equal(table.column("key"), lost))
+    io.write_named(str(out), "", 1, io.table_bytes(kept))
+    assert main(["edit", "--input", str(root / "latents"), "--output", str(out), "--edits",
+                 str(root / "edits.yaml")]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["redone"], stats["rows_processed"]) == (1, units.count("face.png"))
+    assert sorted(read_parts(out).column("key").to_pylist()) == sorted(keys)  # every row once, none twice
+
+
+def test_an_aggregate_is_recomputed_when_its_input_changed_and_only_then(tmp_path):
+    """channels over an invert output that gained a row recomputes (no stale "already done"); unchanged, it is a
+    no-op; its population equals a fresh computation."""
+    import json
+
+    from test_faults import write_samples
+
+    write_samples(tmp_path / "photos", 2)
+    latents, channels = tmp_path / "latents", tmp_path / "channels"
+    invert = ["invert", "--input", str(tmp_path / "photos"), "--output", str(latents), "--align", "none",
+              "--spaces", "s", "--steps", "1", "--lpips-weight", "0", "--mse-weight", "1"]
+    stats = lambda: json.loads((channels / "stats.json").read_text())  # noqa: E731
+    assert main(invert) == 0 and main(["channels", "--input", str(latents), "--output", str(channels)]) == 0
+    assert stats()["population"] == 2 and not stats()["already_done"]
+    write_samples(tmp_path / "more", 1, seed=3)
+    (tmp_path / "more" / "00.png").rename(tmp_path / "photos" / "new.png")
+    assert main(invert) == 0 and main(["channels", "--input", str(latents), "--output", str(channels)]) == 0
+    assert stats()["population"] == 3 and not stats()["already_done"]
+    assert main(["channels", "--input", str(latents), "--output", str(channels)]) == 0
+    assert stats()["population"] == 3 and stats()["already_done"]
+    assert main(["channels", "--input", str(latents), "--output", str(tmp_path / "fresh")]) == 0
+    assert pq.read_table(channels / "population_stats.parquet").equals(
+        pq.read_table(tmp_path / "fresh" / "population_stats.parquet"))

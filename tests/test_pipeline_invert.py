@@ -11,6 +11,7 @@ from conftest import read_parts
 from corpus import bad_input_corpus, face_corpus
 from models.default_generator import load_default_generator
 from ops.images import to_uint8
+from pipelines import io
 from pipelines.cli import main
 
 ARGS = ["--align", "none", "--spaces", "wplus,fwplus", "--base-level", "8", "--steps", "3", "--batch-size", "4",
@@ -128,7 +129,7 @@ def test_ffhq_alignment_accounts_for_faces_and_no_faces(tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["prepare"]["config"]["alignment"]["align"] == "ffhq"
     assert len(run["prepare_checkpoints"]["landmarks"]) == 64
-    assert {"torch", "ray", "dlib-bin"} <= set(run["runs"][-1]["versions"]) and run["schema_version"] == 2
+    assert {"torch", "ray", "dlib-bin"} <= set(run["runs"][-1]["versions"]) and run["schema_version"] == io.SCHEMA_VERSION
     strict = tmp_path / "strict"
     assert main(["invert", "--input", str(photos / "two_faces.jpg"), "--output", str(strict), "--align", "ffhq",
                  "--strict-faces", *fast]) == 0
