@@ -16,15 +16,15 @@ def machine_line() -> str:
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
 
 
-def write_section(name: str, body: str) -> None:
+def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nWritten by `benchmarks/*.py`; ratios are measured side by side in one run.\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `benchmarks/*.py`; ratios are measured side by side in one run.\n"
     block = f"{begin}\n{body.strip()}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    BENCHMARKS_MD.write_text(text)
+    path.write_text(text)
 
 
 def ok_rows(keys: list[str], **columns) -> dict:

@@ -393,7 +393,10 @@ def cmd_verify(args) -> int:
     """Read every file of an output whole; quarantine what is damaged (holding the output's lease)."""
     from pipelines import index
     from pipelines.lock import OutputLock
+    from pipelines.runtime import is_stage_output
 
+    if not is_stage_output(args.output_dir):
+        raise ValueError(f"{args.output_dir} is not a latentray stage output (no run.json)")
     if args.no_repair:
         report = index.verify(args.output_dir, repair=False)
     else:
@@ -415,7 +418,10 @@ def cmd_compact(args) -> None:
     """Merge an output's small parts into parts of about --target-mb, atomically, and consolidate its index."""
     from pipelines import index, io
     from pipelines.lock import OutputLock
+    from pipelines.runtime import is_stage_output
 
+    if not is_stage_output(args.output_dir):
+        raise ValueError(f"{args.output_dir} is not a latentray stage output (no run.json)")
     with OutputLock(args.output_dir, wait=args.wait) as lock:
         run = io.read_json(args.output_dir, "run.json") or {}
         state = index.load(args.output_dir, repair=True, fingerprint=run.get("fingerprint"))

@@ -237,7 +237,7 @@ class Photos:
         from ops.ingest import list_input_files
 
         self.inputs, self.make_prepare, self.prepare_stage = list(inputs), prepare, None
-        self.items = [(k, u, int(info.get("size", -1) or 0), io.version_of(info))
+        self.items = [(k, u, int(info.get("size", -1)), io.version_of(info))
                       for k, u, info in list_input_files(self.inputs)]
 
     def context(self) -> Context:

@@ -48,6 +48,9 @@ def tensor(table, column: str):
     return table.column(column).combine_chunks().to_numpy_ndarray()
 
 
+S3_SECRET = "s3cr3t-value-never-logged"
+
+
 def free_port() -> int:
     import socket
 
@@ -61,9 +64,8 @@ def s3_server(monkeypatch):
     """A real S3 API server (moto) on 127.0.0.1, with the AWS environment pointing at it; yields a boto3 client.
     Set before Ray starts: local workers inherit the driver's environment."""
     import boto3
-    from moto.server import ThreadedMotoServer
-
     import s3fs
+    from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -78,5 +80,3 @@ def s3_server(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
-
-S3_SECRET = "s3cr3t-value-never-logged"

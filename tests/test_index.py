@@ -94,6 +94,7 @@ def test_damage_that_keeps_size_and_mtime_is_found_by_verify(tmp_path, capsys):
     with OutputLock(str(out)) as lock:
         name = write(out, lock, ["a", "b", "c"])
         index_everything(out, lock)
+        io.write_json(str(out), "run.json", {"fingerprint": FP})
     stat = os.stat(out / name)
     damaged = flip(out / name, page_offset(out / name))
     os.utime(out / name, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot: the listing sees no change

@@ -39,14 +39,14 @@ def dead_pid() -> int:
 
 def test_a_second_run_is_refused_naming_the_holder_and_a_run_that_lost_its_lease_writes_nothing_more(
         tmp_path, capsys):
-    names = write_samples(tmp_path / "in", 8)
+    names = write_samples(tmp_path / "in", 6)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipelines.cli", "invert", "--input", str(tmp_path / "in"), "--output", str(out),
-           *FAST, "--steps", "40", "--batch-size", "2"]
+           *FAST, "--steps", "20", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, timeout=240)
-        assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST, "--steps", "40"]) == 3
+        assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST, "--steps", "20"]) == 3
         err = capsys.readouterr().err
         assert f"in use by another run: pid {proc.pid} on" in err and "--wait" in err
         assert proc.poll() is None  # the first run was still writing when the second was refused

@@ -1,47 +1,26 @@
 """`latentray invert` from s3:// to s3:// against a real S3 API server (moto) on 127.0.0.1."""
 
-import socket
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+from conftest import S3_SECRET as SECRET
 from models.default_generator import load_default_generator
 from ops.images import to_uint8
 from pipelines.cli import main
 
-SECRET = "s3cr3t-value-never-logged"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture()
-def s3(monkeypatch):
-    import boto3
+def s3(s3_server):
     import ray
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for name, value in {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": SECRET,
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(name, value)
-    ray.shutdown()  # local workers inherit the driver's environment when Ray starts
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="photos")
-    client.create_bucket(Bucket="latents")
-    yield client
+    ray.shutdown()  # local workers inherit the driver's environment when Ray starts: restart with the server's
+    s3_server.create_bucket(Bucket="photos")
+    s3_server.create_bucket(Bucket="latents")
+    yield s3_server
     ray.shutdown()
-    server.stop()
 
 
 def test_invert_s3_to_s3_without_leaking_credentials(s3, capsys):

@@ -50,9 +50,12 @@ class S3Server:
     `error_rate` of them with 503 SlowDown (botocore retries those)."""
 
     def __init__(self, latency: float = 0.0, error_rate: float = 0.0, seed: int = 0):
+        import logging
+
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
         app = DomainDispatcherApplication(create_backend_app)
         rng = random.Random(seed)
         self.latency, self.error_rate, self.failed = latency, error_rate, 0
@@ -199,13 +202,14 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def finish(proc: subprocess.Popen, allowed: set[int], what: str) -> int:
+def finish(proc: subprocess.Popen, allowed: set[int], what: str, error_2: str = "") -> int:
+    """Wait for a run; its exit code must be one of `allowed` (2 only with the message `error_2`, when given)."""
     try:
         out, err = proc.communicate(timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         raise Finding(f"{what}: no answer after {RUN_TIMEOUT} s")
-    if proc.returncode not in allowed:
+    if proc.returncode not in allowed or (proc.returncode == 2 and error_2 not in err):
         raise Finding(f"{what}: exit {proc.returncode} (expected {sorted(allowed)}):\n{err[-3000:]}")
     return proc.returncode
 
@@ -252,6 +256,7 @@ def run_scenario(seed: int, work: Path, pool: list[bytes], s3: S3Server | None, 
                     damaged.append(hit)
         if fault == "stale_lease":
             gen = max(lock.leases(url), default=0) + 1
+            out.fs.makedirs(f"{out.root}/{lock.LEASES}", exist_ok=True)
             out.fs.pipe_file(f"{out.root}/{lock.LEASES}/{gen:012d}.json", json.dumps(
                 {"refreshed": time.time(), "pid": dead_pid(), "host": lock.host_name(), "token": "dead"}).encode())
         if fault == "kill_point":
@@ -269,17 +274,18 @@ def run_scenario(seed: int, work: Path, pool: list[bytes], s3: S3Server | None, 
         elif fault == "storage_errors":
             if on_s3:
                 s3.error_rate = 0.05
-                finish(cli(args, env), {0, 2}, what)
+                finish(cli(args, env), {0, 2}, what, "nothing was changed")
                 s3.error_rate = 0.0
             else:
                 flaky = {**env, "LATENTRAY_FLAKY_RATE": "0.03", "LATENTRAY_FLAKY_SEED": str(seed)}
                 finish(cli(["invert", *inputs.arguments(), "--output", f"flaky://{url}", *INVERT], flaky), {0, 2},
-                       what)
+                       what, "nothing was changed")
         else:
             finish(cli(args, env), {0}, what)
         observe(out, written, records)
         if rng.random() < 0.5:
-            finish(cli(["channels", "--input", url, "--output", aggregate], env), {0}, f"{what}: channels")
+            finish(cli(["channels", "--input", url, "--output", aggregate], env), {0, 2}, f"{what}: channels",
+                   "the input has no ok rows")  # a first run killed before any row: a clear refusal
     finish(cli(["invert", *inputs.arguments(), "--output", url, *INVERT], env), {0}, f"seed {seed}: final run")
     observe(out, written, records)
     finish(cli(["channels", "--input", url, "--output", aggregate], env), {0}, f"seed {seed}: final channels")
@@ -342,6 +348,24 @@ def check(seed: int, inputs: Inputs, out: Output, damaged: list, written: dict, 
             fail(f"channels population {column} differs from a fresh computation")
 
 
+def write_figures(report: dict) -> None:
+    from benchmarks.report import write_section
+
+    totals = report["totals"]
+    kinds = "\n".join(f"| {k} | {v} |" for k, v in totals.items() if k.startswith(("fault_", "kill_at_", "damaged_",
+                                                                                    "input_", "backend_")))
+    write_section("torture", f"""Seeds {report['seeds']}: {totals.get('scenarios', 0)} scenarios in {report['seconds']} s,
+{len(report['findings'])} finding(s); {totals.get('rows_checked', 0)} rows checked after the final reruns, rows lost
+or duplicated: 0 unless a finding says otherwise; rows of inputs that disappeared, kept:
+{totals.get('missing_inputs_kept', 0)}.
+
+| injected (scenario rounds, inputs changed, files damaged, kills by point, backends) | count |
+|---|---:|
+{kinds}
+""" + "".join(f"\nFinding, seed {f['seed']}: {f['finding'][:300]}\n" for f in report["findings"]),
+                  Path(REPO / "RELIABILITY.md"))
+
+
 def parse_seeds(text: str) -> list[int]:
     out = []
     for chunk in text.split(","):
@@ -356,6 +380,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="/tmp/latentray-torture", help="scratch folder")
     parser.add_argument("--report", help="write the figures as JSON here")
     parser.add_argument("--no-s3", action="store_true", help="local outputs only")
+    parser.add_argument("--write-md", action="store_true", help="write the figures into RELIABILITY.md")
     args = parser.parse_args(argv)
     work = Path(args.work)
     pool = image_pool(work / "pool")
@@ -366,9 +391,9 @@ def main(argv=None) -> int:
         try:
             run_scenario(seed, work, pool, s3, totals)
             status = "ok"
-        except Finding as exc:
-            findings.append({"seed": seed, "finding": str(exc)})
-            status = f"FINDING: {exc}"
+        except Exception as exc:  # a Finding, or the harness itself failing: both reported with the seed
+            findings.append({"seed": seed, "finding": f"{type(exc).__name__}: {exc}"})
+            status = f"FINDING: {type(exc).__name__}: {exc}"
         totals["scenarios"] += 1
         print(f"torture: seed {seed}: {status} ({time.time() - t:.0f} s)", flush=True)
     report = {"seeds": args.seeds, "seconds": round(time.time() - t0), "totals": dict(sorted(totals.items())),
@@ -376,6 +401,8 @@ def main(argv=None) -> int:
     print(json.dumps(report, indent=1))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1))
+    if args.write_md:
+        write_figures(report)
     if s3 is not None:
         s3.stop()
     return 1 if findings else 0
