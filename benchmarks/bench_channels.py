@@ -20,7 +20,10 @@ from benchmarks.report import machine_line, write_section  # noqa: E402
 from ops.channels import ChannelsStage  # noqa: E402
 from pipelines import io  # noqa: E402
 from pipelines.lock import OutputLock  # noqa: E402
-from pipelines.runtime import RunOptions, StageOutput, init_ray, run_aggregate  # noqa: E402
+from ops.stage import Column, Plan  # noqa: E402
+from pipelines.driver import Bound, RunOptions, run_aggregate  # noqa: E402
+from pipelines.runtime import init_ray  # noqa: E402
+from pipelines.sources import StageOutput  # noqa: E402
 
 WIDTH, PART_ROWS = 9088, 2500
 
@@ -42,13 +45,14 @@ def population_stats(folder: Path, out: Path):
     """The channels aggregate's population pass through the runtime (read tasks reduce each block, the driver
     merges), as `latentray channels` runs it; prepared by hand since the synthetic S has no generator."""
     stage = ChannelsStage()
-    stage.column, stage.width, stage.style_layers = "styles", WIDTH, []
-    stage.exemplar_keys, stage.local_keys = None, set()
-    stage.input_columns = ("key", "status", "styles")
+    plan = Plan(kind="aggregate", inputs=(Column("styles", "float32", None),), batch_size=512,
+                prepared={"column": "styles", "width": WIDTH, "style_layers": [], "exemplar_keys": None,
+                          "local_keys": set(), "generator": ""})
     source = StageOutput(str(folder))
-    source.describe(stage)
+    source.bind(plan)
     with OutputLock(str(out)) as lock:
-        run_aggregate(stage, source, str(out), "bench", RunOptions(batch_size=512, progress=False), lock)
+        run_aggregate(Bound(stage, plan, source), str(out), "bench", RunOptions(batch_size=512, progress=False),
+                      lock)
     table = pq.read_table(out / "population_stats.parquet")
     return table.column("count").to_numpy()[0], table.column("mean").to_numpy(), table.column("std").to_numpy()
 

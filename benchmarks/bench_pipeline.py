@@ -28,18 +28,18 @@ def measure(images: int, steps: int) -> dict:
     from benchmarks.report import ok_rows
     from ops.align import AlignConfig
     from ops.ingest import IngestConfig, IngestStage, list_inputs
-    from pipelines.lock import OutputLock
     from ops.invert import InvertConfig
     from ops.invert_stage import InvertStage, InvertStageConfig
-    from ops.stage import Context, objects
-    from pipelines import invert, runtime
+    from ops.stage import objects
+    from pipelines import driver, runtime
     from pipelines.demo import write_synthetic
+    from pipelines.lock import OutputLock
 
     torch.set_num_threads(2)
     cfg = InvertStageConfig(invert=InvertConfig(steps=steps, lpips_net="alex", lpips_backbone="random",
                                                 optimize_noise=False))
     photos = IngestConfig(alignment=AlignConfig("none"))
-    options = runtime.RunOptions(batch_size=BATCH, progress=False)
+    options = driver.RunOptions(batch_size=BATCH, progress=False)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic(Path(tmp) / "in", n=images // 2)  # images/2 samples + their shifted copies
@@ -48,21 +48,20 @@ def measure(images: int, steps: int) -> dict:
 
         def loop(run: int) -> float:
             t0 = time.perf_counter()
-            stage = InvertStage(cfg)
-            stage.prepare(Context())
-            stage.setup()
-            ingest = IngestStage.feeding(stage, photos)
+            stage = InvertStage(cfg).ready()
+            ingest = IngestStage.feeding(stage.plan.image_size, photos).ready()
+            drop = frozenset(stage.plan.not_stored() | ingest.plan.not_stored())
             with OutputLock(str(Path(tmp) / f"loop{run}")) as lock:
                 for i in range(0, len(items), BATCH):
                     chunk = items[i:i + BATCH]
                     batch = ok_rows([k for k, _ in chunk], uri=objects([u for _, u in chunk]))
-                    runtime.write_batch(stage.process(ingest.process(batch)), str(Path(tmp) / f"loop{run}"),
-                                        {"fingerprint": "loop"}, stage.preview_columns(), lock.ticket, "key")
+                    driver.write_batch(stage.process(ingest.process(batch)), str(Path(tmp) / f"loop{run}"),
+                                       {"fingerprint": "loop"}, stage.plan.previews, lock.ticket, "key", drop)
             return time.perf_counter() - t0
 
         def pipeline(name: str) -> float:
             t0 = time.perf_counter()
-            stats = runtime.run(invert.ADAPTER, inputs, str(Path(tmp) / name), cfg, photos, options)
+            stats = driver.run("invert", inputs, str(Path(tmp) / name), cfg, photos, options)
             assert stats["by_status"] == {"ok": images}, stats
             return time.perf_counter() - t0
 

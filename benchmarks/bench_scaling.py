@@ -23,13 +23,13 @@ def rows_per_second(inputs: list[str], out: str, actors: int, batch_size: int) -
     from ops.ingest import IngestConfig
     from ops.invert import InvertConfig
     from ops.invert_stage import InvertStageConfig
-    from pipelines import invert, runtime
+    from pipelines import driver
 
     cfg = InvertStageConfig(invert=InvertConfig(steps=STEPS, lpips_net="alex", lpips_backbone="random",
                                                 optimize_noise=False))
     t0 = time.perf_counter()
-    stats = runtime.run(invert.ADAPTER, inputs, out, cfg, IngestConfig(alignment=AlignConfig("none")),
-                        runtime.RunOptions(batch_size=batch_size, actors=actors, progress=False))
+    stats = driver.run("invert", inputs, out, cfg, IngestConfig(alignment=AlignConfig("none")),
+                       driver.RunOptions(batch_size=batch_size, actors=actors, progress=False))
     assert stats["by_status"] == {"ok": IMAGES}, stats
     return IMAGES / (time.perf_counter() - t0)
 

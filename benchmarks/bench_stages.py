@@ -42,9 +42,7 @@ def per_row(stage, batch: dict, repeats: int = 2) -> float:
 
 
 def ready(stage):
-    stage.prepare(Context())
-    stage.setup("cpu")
-    return stage
+    return stage.ready(Context())
 
 
 def png(image: np.ndarray) -> bytes:

@@ -32,12 +32,37 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be (or must not be) loaded; the message says which file and why."""
 
 
-def read_bytes(path_or_uri: str) -> bytes:
-    """Bytes of a local path or any fsspec URI (s3://... uses the usual AWS environment/config)."""
+class StorageError(OSError):
+    """Storage kept failing (timeouts, throttling, 403, short reads): the run stops and changes nothing it could not
+    read."""
+
+
+READ_ATTEMPTS = 4  # a read failing for a storage reason is tried this many times, backing off 0.5, 1, 2 s
+READ_BACKOFF = 0.5
+
+
+def read_bytes(path_or_uri: str, size: int | None = None) -> bytes:
+    """The one byte reader: a whole file by local path or fsspec URI (s3://... uses the usual AWS
+    environment/config), retried with backoff on any storage failure but a missing file; a read shorter than the
+    listed `size` is such a failure, never damage. Raises StorageError after READ_ATTEMPTS."""
+    import time
+
     import fsspec
 
-    with fsspec.open(str(path_or_uri), "rb") as f:
-        return f.read()
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            with fsspec.open(str(path_or_uri), "rb") as f:
+                data = f.read()
+            if size is not None and len(data) != size:
+                raise OSError(f"short read: {len(data)} of {size} bytes")
+            return data
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise
+        except Exception as exc:
+            if attempt == READ_ATTEMPTS - 1:
+                raise StorageError(f"reading {path_or_uri}: {type(exc).__name__}: {exc} (after {READ_ATTEMPTS} "
+                                   "attempts; nothing was changed, rerun when the storage answers)") from exc
+            time.sleep(READ_BACKOFF * 2**attempt)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -50,12 +75,21 @@ def file_sha256(path_or_uri: str) -> str:
 
 
 # ----- rosinality and our own format (zip files written by torch.save) -------------------------------------------
-def _torch_load_safe(data: bytes, name: str):
+def load_state(source: str | bytes, name: str | None = None, what: str = "a torch checkpoint"):
+    """The one safe torch loader of every checkpoint reader: a path/URI or bytes -> the stored object, unpickled
+    with weights_only (tensors, containers, and exactly argparse.Namespace allow-listed; code never runs). Any
+    failure is a CheckpointError naming the file and `what` was expected."""
+    name = name or (str(source) if isinstance(source, str) else "checkpoint")
+    data = read_bytes(source) if isinstance(source, str) else source
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{name}: refused to load (weights_only unpickling rejected it): {exc}") from None
+        if "global" in str(exc).lower():  # a class or function the allow-list refuses: code it would have run
+            raise CheckpointError(f"{name}: refused to load (weights_only unpickling rejected it): {exc}") from None
+        raise CheckpointError(f"{name}: cannot read as {what} (not a torch file: {str(exc)[:200]})") from None
+    except Exception as exc:
+        raise CheckpointError(f"{name}: cannot read as {what} ({type(exc).__name__}: {exc})") from None
 
 
 def infer_rosinality_architecture(sd: dict[str, torch.Tensor]) -> dict:
@@ -291,7 +325,7 @@ def load_generator(path_or_uri: str) -> Generator:
     except FileNotFoundError:
         raise CheckpointError(f"{name}: no such checkpoint file") from None
     if data[:4] == b"PK\x03\x04" or is_legacy_torch_file(data):
-        G, fmt = _generator_from_torch_file(_torch_load_safe(data, name), name)
+        G, fmt = _generator_from_torch_file(load_state(data, name), name)
     elif data[:1] == b"\x80":
         G, fmt = _generator_from_nvidia_pickle(data, name), "nvidia"
     else:
@@ -313,7 +347,7 @@ def load_direction(data: bytes, name: str) -> np.ndarray:
     """A latent direction file's contents: `.npy` (no pickles) or a `.pt` holding one tensor (weights_only)."""
     if name.endswith(".npy"):
         return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
-    value = _torch_load_safe(data, name)
+    value = load_state(data, name)
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(f"{name}: a direction file must hold a single tensor, found {type(value).__name__}")
     return value.float().numpy()

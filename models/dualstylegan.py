@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoints import CheckpointError, build_generator, infer_rosinality_architecture, read_bytes
+from models.checkpoints import (CheckpointError, build_generator, infer_rosinality_architecture, load_state,
+                                read_bytes)
 from models.stylegan2 import EqualLinear, FusedLeakyReLU, Generator, PixelNorm
 
 STRUCTURE_ROWS = 7  # W+ rows 0..6 drive ModRes blocks (4x4 conv and the 8-32 px convs)
@@ -130,11 +131,7 @@ class DualStyleGAN(nn.Module):
 def load_dualstylegan(path: str, device: str | torch.device = "cpu") -> DualStyleGAN:
     """An official DualStyleGAN `generator.pt` ({'g_ema': state dict}) -> eval-mode module (weights_only load)."""
     name = str(path)
-    try:
-        obj = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{name}: cannot read as a DualStyleGAN generator.pt ({type(exc).__name__}: "
-                              f"{exc})") from None
+    obj = load_state(name, what="a DualStyleGAN generator.pt")
     sd = obj.get("g_ema") if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith("res.0.") for k in sd):
         found = sorted(sd or obj)[:5] if isinstance(obj, dict) else type(obj).__name__

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoints import CheckpointError, read_bytes
+from models.checkpoints import CheckpointError, load_state
 from models.stylegan2 import EqualLinear
 
 BASECODE_FORMAT = "latentray.basecode_encoder"
@@ -71,7 +70,7 @@ def save_basecode_encoder(encoder: BaseCodeEncoder, path: str) -> None:
 
 def load_basecode_encoder(path: str, generator=None) -> BaseCodeEncoder:
     """Load (weights_only) in eval mode; with `generator`, refuse unless it is the one the encoder was trained for."""
-    obj = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    obj = load_state(str(path))
     if not isinstance(obj, dict) or obj.get("format") != BASECODE_FORMAT:
         raise CheckpointError(f"{path}: expected a latentray base-code encoder, found "
                               f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}")
@@ -201,7 +200,7 @@ class StyleEncoder(nn.Module):
 def load_style_encoder(path: str) -> StyleEncoder:
     """An official pSp or e4e checkpoint (`{'state_dict': {'encoder.*', 'decoder.*'}, 'opts', 'latent_avg'}`),
     weights_only; the kind comes from opts['encoder_type'] and the widths from the tensors."""
-    obj = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    obj = load_state(str(path))
     if not isinstance(obj, dict) or "state_dict" not in obj or "opts" not in obj:
         raise CheckpointError(f"{path}: expected a pSp/e4e checkpoint with 'state_dict' and 'opts', found "
                               f"{sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__}")

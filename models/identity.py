@@ -4,13 +4,12 @@ pSp crop and pooling itself; returns L2-normalised embeddings."""
 
 from __future__ import annotations
 
-import io
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoints import CheckpointError, read_bytes
+from models.checkpoints import CheckpointError, load_state
 from models.encoders import IRSE50_UNITS, irse_body
 
 STAGE_STARTS = [sum(IRSE50_UNITS[:i]) for i in range(4)]  # first unit of each stage: 0, 3, 7, 21
@@ -41,10 +40,7 @@ class ArcFace(nn.Module):
 def load_arcface(path: str, device: str | torch.device = "cpu") -> ArcFace:
     """A TreB1eN-layout state dict (e.g. model_ir_se50.pth) -> eval-mode ArcFace (weights_only load; widths and
     embedding size read off the keys)."""
-    try:
-        state = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read as a torch state dict ({type(exc).__name__}: {exc})") from None
+    state = load_state(str(path), what="a torch state dict")
     if not isinstance(state, dict) or "output_layer.3.weight" not in state or "body.0.res_layer.1.weight" not in state:
         found = ", ".join(list(state)[:4]) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: expected an ArcFace IR-SE50 state dict (input_layer.*, body.*, "

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from models.checkpoints import CheckpointError, _torch_load_safe, read_bytes
+from models.checkpoints import CheckpointError, load_state, read_bytes
 
 
 def load_latent_file(path: str, keys: list[str] | None = None, data: bytes | None = None
@@ -41,7 +41,7 @@ def load_latent_file(path: str, keys: list[str] | None = None, data: bytes | Non
     else:
         import torch
 
-        obj = _torch_load_safe(data, str(path))
+        obj = load_state(data, str(path))
         if isinstance(obj, torch.Tensor):
             latents, names, fmt = obj.float().numpy(), None, "e4e-latents"
         elif isinstance(obj, dict) and obj and all(isinstance(v, dict) and "latent" in v for v in obj.values()):

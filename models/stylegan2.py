@@ -349,6 +349,12 @@ class Generator(nn.Module):
         self.n_styles = sum(layer.width for layer in self.style_layers)
 
     # ----- architecture description -------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the generator's weights are."""
+        return self.input.input.device
+
     def architecture(self) -> dict:
         """JSON-serialisable constructor arguments (our own checkpoint format stores this)."""
         return {"size": self.size, "style_dim": self.style_dim, "n_mlp": self.n_mlp,
@@ -386,7 +392,7 @@ class Generator(nn.Module):
     def mean_latent(self, n: int, seed: int = 0) -> torch.Tensor:
         """Mean of mapping(z) over n z ~ N(0, I) drawn from a torch.Generator seeded with `seed` -> [1, D]."""
         gen = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.style_dim, generator=gen).to(self.input.input.device)
+        z = torch.randn(n, self.style_dim, generator=gen).to(self.device)
         return self.mapping(z).mean(0, keepdim=True)
 
     def to_wplus(self, w: torch.Tensor) -> torch.Tensor:

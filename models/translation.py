@@ -11,13 +11,12 @@ official test.py does without `--eval`: it runs one image per batch, so a row's 
 
 from __future__ import annotations
 
-import io
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoints import CheckpointError, read_bytes
+from models.checkpoints import CheckpointError, load_state
 
 
 class BatchNorm(nn.BatchNorm2d):
@@ -195,10 +194,7 @@ def load_translator(path: str, device: str | torch.device = "cpu", batch_stats: 
                     dropout: bool = False) -> nn.Module:
     """An official `<epoch>_net_G*.pth` (a bare state dict; ResNet or U-Net, told apart by its keys) -> a generator
     with frozen weights. Loaded with weights_only; a strict load names what is missing or unexpected."""
-    try:
-        state = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read as a torch state dict ({type(exc).__name__}: {exc})") from None
+    state = load_state(str(path), what="a torch state dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a generator state dict (name -> tensor), found "
                               f"{type(state).__name__}")

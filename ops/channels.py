@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ops.stage import Aggregate, Context, Provenance, Resources, Result
+from ops.stage import Aggregate, Column, Context, Plan, Resources, Result
 
 
 class RunningStats:
@@ -230,7 +230,7 @@ def batch_styles(values: np.ndarray, column: str, G=None) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        wplus = torch.from_numpy(values).to(G.input.input.device)
+        wplus = torch.from_numpy(values).to(G.device)
         return G.styles_to_vector(G.styles(wplus)).cpu().numpy()
 
 
@@ -254,34 +254,38 @@ class ChannelsStage(Aggregate):
 
     name = "channels"
     Config = ChannelsConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    batch_size = 64
+    help = "StyleSpace channel statistics of an invert output (population, attribute, local channels)"
+    examples = ("latentray channels --input out/latents --output out/channels --exemplars smiling_keys.txt",
+                "latentray channels --input out/latents --output out/channels --local-sample 200")
 
-    def prepare(self, context: Context) -> Provenance:
-        from ops.invert_stage import latent_source, load_checked_generator
+    def prepare(self, context: Context) -> Plan:
+        from ops.latents import reading_latents
 
         cfg = self.config
-        source = latent_source(context.upstream, "channels")
-        spaces = source["spaces"]
-        self.column = "styles" if "s" in spaces else "wplus" if "wplus" in spaces else None
-        if self.column is None:
-            raise ValueError(f"the input has no S or W+ latents (spaces {list(spaces)}); channels need one of them")
+        source, G = reading_latents(context, "channels", cfg.generator)
+        column = "styles" if "s" in source.spaces else "wplus" if "wplus" in source.spaces else None
+        if column is None:
+            raise ValueError(f"the input has no S or W+ latents (spaces {list(source.spaces)}); channels need one of "
+                             "them")
         if cfg.mask_column and cfg.mask_labels < 2:
             raise ValueError("--mask-column needs --mask-labels N (the number of labels in the maps)")
-        self.generator = cfg.generator or source["generator"]
-        G = load_checked_generator(self.generator, source["generator_id"])
-        self.style_layers, self.width = G.style_layers, G.n_styles
-        self.exemplar_keys = self.choose_exemplars(context)
-        self.local_keys = self.choose_local_sample(context)
-        masks = ((cfg.mask_column,) if cfg.mask_column else ("landmarks", "align_transform")) if self.local_keys else ()
-        self.input_columns = ("key", "status", self.column, *masks)
-        self.uses_models = self.column == "wplus" or bool(self.local_keys)
-        return Provenance(checkpoints={"generator": G.generator_id},
-                          fingerprint={"exemplar_keys": sorted(self.exemplar_keys or []),
-                                       "local_keys": sorted(self.local_keys)})
+        exemplar_keys = self.choose_exemplars(context)
+        local_keys = self.choose_local_sample(context)
+        masks = ((Column(cfg.mask_column, None, None),) if cfg.mask_column else
+                 (Column("landmarks", "float32", (68, 2)), Column("align_transform", "float32", (2, 3)))) \
+            if cfg.local_sample else ()
+        models = column == "wplus" or bool(local_keys)
+        return Plan(kind="aggregate", inputs=(Column(column, "float32", None), *masks), batch_size=64,
+                    resources=Resources(num_cpus=1, num_gpus=1 if models else 0),
+                    checkpoints={"generator": G.generator_id},
+                    fingerprint={"exemplar_keys": sorted(exemplar_keys or []), "local_keys": sorted(local_keys)},
+                    prepared={"column": column, "generator": source.generator, "style_layers": G.style_layers,
+                              "width": G.n_styles, "exemplar_keys": exemplar_keys, "local_keys": local_keys})
 
     def choose_exemplars(self, context: Context) -> set[str] | None:
         cfg = self.config
+        if (cfg.exemplar_filter or cfg.exemplar_column) and context.read_input is None:
+            return set()  # the input does not exist yet (a pipeline file checked before it runs)
         if cfg.exemplar_filter:
             column = parse_filter(cfg.exemplar_filter)[0]
             return set(filter_keys(context.read_input(None, [column]), cfg.exemplar_filter))
@@ -295,7 +299,7 @@ class ChannelsStage(Aggregate):
     def choose_local_sample(self, context: Context) -> set[str]:
         """The first `local_sample` ok rows by key that have landmarks (or any ok rows, with a mask column)."""
         cfg = self.config
-        if not cfg.local_sample:
+        if not cfg.local_sample or context.read_input is None:
             return set()
         table = context.read_input(None, ["status", "landmarks"] if not cfg.mask_column else ["status"])
         usable = [k for i, k in enumerate(table["key"]) if table["status"][i] == "ok" and
@@ -305,10 +309,18 @@ class ChannelsStage(Aggregate):
                              "or a --mask-column")
         return set(sorted(usable)[:cfg.local_sample])
 
-    def setup(self, device: str = "cpu") -> None:
-        from ops.invert_stage import generator_on
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
+        from ops.latents import generator_on
 
-        self.G = generator_on(self.generator, device) if self.uses_models else None
+        super().setup(plan, device)
+        self.G = generator_on(plan.prepared["generator"], device) if plan.on_actors else None
+
+    # what prepare found, as the plan carries it
+    column = property(lambda self: self.plan.prepared["column"])
+    style_layers = property(lambda self: self.plan.prepared["style_layers"])
+    width = property(lambda self: self.plan.prepared["width"])
+    exemplar_keys = property(lambda self: self.plan.prepared["exemplar_keys"])
+    local_keys = property(lambda self: self.plan.prepared["local_keys"])
 
     def partial(self, batch: dict[str, np.ndarray]) -> dict:
         ok = np.flatnonzero(np.asarray(batch["status"]) == "ok")

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from ops.stage import Aggregate, Context, Provenance, Resources, Result
+from ops.stage import Aggregate, Column, Context, Plan, Resources, Result
 
 
 def entropy(p: np.ndarray, base: int, axis: int) -> np.ndarray:
@@ -110,35 +110,39 @@ class DciStage(Aggregate):
 
     name = "dci"
     Config = DciConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    batch_size = 256
+    help = "DCI disentanglement (D, C, I) of W, W+ and S against attributes"
+    examples = ("latentray dci --input out/latents --output out/dci --attributes attributes.csv --spaces w,wplus,s",
+                "latentray dci --input out/latents --output out/dci --attribute-columns n_faces,face_score")
 
-    def prepare(self, context: Context) -> Provenance:
-        from ops.invert_stage import latent_source, load_checked_generator
+    def prepare(self, context: Context) -> Plan:
+        from ops.latents import reading_latents
 
         cfg = self.config
-        source = latent_source(context.upstream, "dci")
+        source, G = reading_latents(context, "dci", cfg.generator)
         unknown = set(cfg.spaces) - set(SPACE_CODES)
         if unknown or not cfg.spaces:
             raise ValueError(f"spaces must be a non-empty subset of {sorted(SPACE_CODES)}, got {cfg.spaces}")
-        self.columns = {}
+        columns = {}
         for space in cfg.spaces:  # S can come from W+ rows through the generator
-            if space == "s" and "s" not in source["spaces"] and "wplus" in source["spaces"]:
-                self.columns[space] = "wplus"
-            elif space == "w" and "w" not in source["spaces"]:
+            if space == "s" and "s" not in source.spaces and "wplus" in source.spaces:
+                columns[space] = "wplus"
+            elif space == "w" and "w" not in source.spaces:
                 raise ValueError("space w needs the input's `w` column: invert with --spaces w,...")
-            elif space in ("wplus", "s") and space not in source["spaces"]:
+            elif space in ("wplus", "s") and space not in source.spaces:
                 raise ValueError(f"space {space} needs the input to hold {space} latents (it has "
-                                 f"{list(source['spaces'])})")
+                                 f"{list(source.spaces)})")
             else:
-                self.columns[space] = SPACE_CODES[space]
-        self.uses_models = self.columns.get("s") == "wplus"  # S computed from W+ rows by the generator
-        self.generator = cfg.generator or source["generator"]
-        G = load_checked_generator(self.generator, source["generator_id"])
-        self.factor_names, self.factors, digest = self.read_factors(context)
-        self.input_columns = ("key", "status", *sorted(set(self.columns.values())))
-        return Provenance(checkpoints={"generator": G.generator_id, **({"attributes": digest} if digest else {})},
-                          fingerprint={"factors": self.factor_names})
+                columns[space] = SPACE_CODES[space]
+        names, factors, digest = self.read_factors(context)
+        models = columns.get("s") == "wplus"  # S computed from W+ rows by the generator
+        factor_columns = () if cfg.attributes else tuple(Column(c, None) for c in cfg.attribute_columns)
+        return Plan(kind="aggregate", inputs=(*(Column(c, "float32", None) for c in sorted(set(columns.values()))),
+                                              *factor_columns),
+                    batch_size=256, resources=Resources(num_cpus=1, num_gpus=1 if models else 0),
+                    checkpoints={"generator": G.generator_id, **({"attributes": digest} if digest else {})},
+                    fingerprint={"factors": names},
+                    prepared={"columns": columns, "generator": source.generator, "factor_names": names,
+                              "factors": factors})
 
     def read_factors(self, context: Context) -> tuple[list[str], dict, str]:
         """(factor names, {key: values}, sha256 of the attributes file or "")."""
@@ -159,6 +163,8 @@ class DciStage(Aggregate):
         else:
             if not cfg.attribute_columns:
                 raise ValueError("dci needs --attributes FILE or --attribute-columns of the input")
+            if context.read_input is None:  # the input does not exist yet (a pipeline file checked before it runs)
+                return list(cfg.attribute_columns), {}, ""
             columns = context.read_input(None, list(cfg.attribute_columns))
             digest = ""
         if "key" not in columns:
@@ -170,10 +176,16 @@ class DciStage(Aggregate):
         values = np.stack([np.asarray(columns[n], dtype=np.float64) for n in names], axis=1)
         return names, {str(k): v for k, v in zip(columns["key"], values)}, digest
 
-    def setup(self, device: str = "cpu") -> None:
-        from ops.invert_stage import generator_on
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
+        from ops.latents import generator_on
 
-        self.G = generator_on(self.generator, device) if self.uses_models else None
+        super().setup(plan, device)
+        self.G = generator_on(plan.prepared["generator"], device) if plan.on_actors else None
+
+    # what prepare found, as the plan carries it
+    columns = property(lambda self: self.plan.prepared["columns"])
+    factors = property(lambda self: self.plan.prepared["factors"])
+    factor_names = property(lambda self: self.plan.prepared["factor_names"])
 
     def partial(self, batch: dict[str, np.ndarray]) -> dict:
         """The codes of this batch's ok rows that have finite factors, per space, keyed."""

@@ -26,7 +26,7 @@ from models.perceptual import box_downsample
 from models.stylegan2 import batch_invariance, per_sample
 from ops.invert import key_generator, per_image_randn, projector_lr, shared_perceptual
 from ops.regularizers import noise_regularizer, normalize_noise_
-from ops.stage import Context, Provenance, Resources, Stage, blank_like, objects
+from ops.stage import Column, Context, Plan, Resources, Stage, image_column, objects
 
 CROP = 256  # portraits enter the encoders at 256 x 256
 
@@ -130,7 +130,7 @@ def load_destylize_models(cfg: DestylizeStageConfig, device="cpu"):
     from models.checkpoints import load_generator
     from models.encoders import load_style_encoder
     from models.identity import load_arcface
-    from ops.invert_stage import generator_path
+    from ops.latents import generator_path
 
     g, g_ft = load_generator(generator_path(cfg.generator)).to(device), load_generator(cfg.finetuned).to(device)
     encoder = load_style_encoder(cfg.encoder).to(device)
@@ -149,47 +149,44 @@ class DestylizeStage(Stage):
 
     name = "destylize"
     Config = DestylizeStageConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    uses_models = True
-    batch_size = 4
     required = ("finetuned", "encoder")
-    image_size = CROP
+    help = "artistic portraits -> paired realistic faces (DualStyleGAN destylization)"
+    examples = ("latentray destylize --input portraits/ --output out/pairs --finetuned g_ft.pt --encoder encoder.pt",
+                "latentray destylize --input portraits/ --output out/pairs --finetuned g_ft.pt --encoder encoder.pt "
+                "--identity model_ir_se50.pth --align none")
+    photos = "ingest"
+    reads_outputs = False
 
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         from models.checkpoints import file_sha256
 
         cfg = self.config
         g, g_ft, _, _ = load_destylize_models(cfg)
-        self.shape, self.size = (g.n_latent, g.style_dim), g.size
+        shape, size = (g.n_latent, g.style_dim), g.size
+        outputs = (*(Column(c, "float32", shape) for c in ("z_e", "z_hat", "z_i")), Column("lpips", "float32"),
+                   Column("id_sim", "float32"), *(Column(f"{c}_png", "bytes") for c in ("portrait", "intermediate",
+                                                                                       "face")),
+                   *(image_column(f"recon_{c}", size, stored=False) for c in ("intermediate", "face")),
+                   Column("id_weight", "float32", fill=cfg.destylize.id_weight if cfg.identity else 0.0),
+                   Column("lpips_backbone", "str", fill=cfg.destylize.lpips_backbone))
         digests = {"generator": g.generator_id, "finetuned": g_ft.generator_id, "encoder": file_sha256(cfg.encoder),
                    **({"identity": file_sha256(cfg.identity)} if cfg.identity else {})}
-        return Provenance(checkpoints=digests)
+        return Plan(outputs=outputs, inputs=(image_column("image", CROP),), resources=Resources(num_cpus=1, num_gpus=1),
+                    batch_size=4, image_size=CROP, previews=("original", "recon_intermediate", "recon_face"),
+                    checkpoints=digests)
 
-    def setup(self, device: str = "cpu") -> None:
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
         from ops.stage import resolve_device
 
+        super().setup(plan, device)
         self.g, self.g_ft, self.encoder, self.identity = load_destylize_models(self.config, resolve_device(device))
 
-    def preview_columns(self) -> tuple[str, ...]:
-        return ("original", "recon_intermediate", "recon_face")
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        cfg = self.config.destylize
-        out = blank_like({"z_e": self.shape, "z_hat": self.shape, "z_i": self.shape, "lpips": (), "id_sim": ()}, n)
-        out.update({c: objects([b""] * n) for c in ("portrait_png", "intermediate_png", "face_png")})
-        out.update({c: np.zeros((n, self.size, self.size, 3), np.uint8) for c in ("recon_intermediate",
-                                                                                   "recon_face")})
-        out["id_weight"] = np.full(n, cfg.id_weight if self.config.identity else 0.0, np.float32)
-        out["lpips_backbone"] = objects([cfg.lpips_backbone] * n)
-        return out
-
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ops.images import encode_png, to_uint8
+        from ops.images import encode_png, to_tensor, to_uint8
 
         pixels = np.stack(batch["image"])
-        images = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2).to(self.g.input.input.device)
-        result = destylize(self.g, self.g_ft, self.encoder, images / 127.5 - 1, [str(k) for k in batch["key"]],
-                           self.config.destylize, self.identity)
+        result = destylize(self.g, self.g_ft, self.encoder, to_tensor(pixels, self.g.device),
+                           [str(k) for k in batch["key"]], self.config.destylize, self.identity)
         out = {c: result[c].cpu().numpy() for c in ("z_e", "z_hat", "z_i", "lpips")}
         if "id_sim" in result:
             out["id_sim"] = result["id_sim"].cpu().numpy()

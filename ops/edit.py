@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ops.geometry import similarity_warp
-from ops.stage import Context, Provenance, Resources, Stage, blank_like, config_dict, objects
+from ops.latents import SPACE_COLUMNS
+from ops.stage import Column, Context, Plan, Resources, Stage, blank, config_dict, objects
 
 EDIT_KINDS = ("direction", "channel", "interpolate", "arithmetic", "mix", "geometric")
 
@@ -111,31 +112,21 @@ def channel_std(G, n: int = 10_000, seed: int = 5, psi: float = 0.7, batch: int 
                 cache_dir: str | None = None) -> torch.Tensor:
     """Population std (ddof 0) of every S channel over `n` mapped samples, truncated toward w_avg as StyleSpace's
     statistics are (stylespace.md §1.1). float64 [n_S]; cached by generator id when `cache_dir` is given."""
-    from pathlib import Path
-
-    import numpy as np
-
     from ops.channels import RunningStats
+    from ops.latents import cached
 
-    path = None
-    if cache_dir and getattr(G, "generator_id", None):
-        path = Path(cache_dir) / f"s-std-{G.generator_id[:16]}-n{n}-s{seed}-psi{psi}.npy"
-        if path.exists():
-            return torch.from_numpy(np.load(path))
+    def compute():
+        stats = RunningStats(G.n_styles)
+        gen = torch.Generator().manual_seed(seed)
+        w_avg = G.w_avg if G.w_avg is not None else G.mean_latent(10_000)
+        for start in range(0, n, batch):
+            z = torch.randn(min(batch, n - start), G.style_dim, generator=gen).to(G.device)
+            wplus = G.to_wplus(G.mapping(z)).clone()
+            wplus[:, :8] = G.truncate(wplus[:, :8], w_avg, psi)  # truncation cutoff 8, as StyleSpace samples
+            stats.update(G.styles_to_vector(G.styles(wplus)).double().cpu().numpy())
+        return {"std": torch.from_numpy(stats.std())}
 
-    stats = RunningStats(G.n_styles)
-    gen = torch.Generator().manual_seed(seed)
-    device = G.input.input.device
-    w_avg = G.w_avg if G.w_avg is not None else G.mean_latent(10_000)
-    for start in range(0, n, batch):
-        z = torch.randn(min(batch, n - start), G.style_dim, generator=gen).to(device)
-        wplus = G.to_wplus(G.mapping(z)).clone()
-        wplus[:, :8] = G.truncate(wplus[:, :8], w_avg, psi)  # truncation cutoff 8, as StyleSpace samples
-        stats.update(G.styles_to_vector(G.styles(wplus)).double().cpu().numpy())
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, stats.std())
-    return torch.from_numpy(stats.std())
+    return cached(G, cache_dir, f"s-std-n{n}-s{seed}-psi{psi}", compute)["std"]
 
 
 # ----- applying a configured edit to a batch of stored latents ---------------------------------------------------
@@ -211,8 +202,6 @@ def render_edited(G, space: str, edited: dict, base_level: int) -> torch.Tensor:
 
 
 # ----- the edit stage ------------------------------------------------------------------------------------------------
-SPACE_COLUMNS = {"wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
-
 EDITS_FORMAT = """edits file (YAML list; `strengths` are rendered side by side; `name` defaults to the kind):
   - {kind: direction, name: smile, path: smile.npy, strengths: [-3, 0, 3], layers: [0, 8]}
   - {kind: channel, layer: convs.5, channel: 12, strengths: [-10, 0, 10]}   # alpha in channel stds
@@ -258,102 +247,96 @@ class EditStage(Stage):
 
     name = "edit"
     Config = EditConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    uses_models = True
     required = ("edits",)
+    help = "apply latent edits to an invert output; render them"
+    examples = ("latentray edit --input out/latents --output out/edits --edits edits.yaml",
+                "latentray edit --input out/latents --output out/moved --edits geometric.yaml --space fwplus")
+    epilog = EDITS_FORMAT
 
-    def __init__(self, config: EditConfig | None = None):
-        super().__init__(config)
-        self.input_columns = ("key", "status", "error_code", "error", *SPACE_COLUMNS[self.config.space])
-        self.edits: list[Edit] = []
-
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         from models.checkpoints import load_direction, sha256_hex
-        from ops.invert_stage import latent_source, load_checked_generator
+        from ops.latents import reading_latents
 
         cfg = self.config
-        source = latent_source(context.upstream, "edit")
-        if cfg.space not in source["spaces"]:
-            raise ValueError(f"the input holds spaces {list(source['spaces'])}, not {cfg.space}")
-        self.edits = parse_edits(context.read_bytes(cfg.edits), cfg.edits)
-        self.generator = cfg.generator or source["generator"]
-        G = load_checked_generator(self.generator, source["generator_id"])
-        self.base_level = source["base_level"]
-        files = {e.label: (e.params["path"], context.read_bytes(e.params["path"])) for e in self.edits
+        source, G = reading_latents(context, "edit", cfg.generator)
+        if cfg.space not in source.spaces:
+            raise ValueError(f"the input holds spaces {list(source.spaces)}, not {cfg.space}")
+        edits = parse_edits(context.read_bytes(cfg.edits), cfg.edits)
+        files = {e.label: (e.params["path"], context.read_bytes(e.params["path"])) for e in edits
                  if e.kind == "direction"}
-        self.directions = {label: load_direction(data, path) for label, (path, data) in files.items()}
-        refs = sorted({e.params[p] for e in self.edits for p in ("other", "a", "b") if p in e.params})
-        rows = context.read_input(refs, ["status", *SPACE_COLUMNS[cfg.space]]) if refs else {"key": []}
-        self.refs = {k: {c: rows[c][i:i + 1] for c in SPACE_COLUMNS[cfg.space]}
-                     for i, k in enumerate(rows["key"]) if rows["status"][i] == "ok"}
-        self.std = None
-        if cfg.channel_stats and any(e.kind == "channel" for e in self.edits):
+        refs_wanted = sorted({e.params[p] for e in edits for p in ("other", "a", "b") if p in e.params})
+        columns = SPACE_COLUMNS[cfg.space]
+        rows = context.read_input(refs_wanted, ["status", *columns]) if refs_wanted and context.read_input else \
+            {"key": []}
+        std = None
+        if cfg.channel_stats and any(e.kind == "channel" for e in edits) and context.read_table:
             table = context.read_table(cfg.channel_stats.rstrip("/") + "/population_stats.parquet", ["index", "std"])
-            self.std = np.empty(len(table["index"]))
-            self.std[table["index"]] = table["std"]
-        self._shapes = edited_shapes(G, cfg.space, self.base_level)
-        digests = {"generator": G.generator_id,
-                   **{f"direction:{label}": sha256_hex(data) for label, (_, data) in files.items()}}
-        return Provenance(checkpoints=digests, fingerprint={"edits": [config_dict(e) for e in self.edits]})
+            std = np.empty(len(table["index"]))
+            std[table["index"]] = table["std"]
+        prepared = {"edits": edits, "generator": source.generator, "base_level": source.base_level, "std": std,
+                    "directions": {label: load_direction(data, path) for label, (path, data) in files.items()},
+                    "refs": {k: {c: rows[c][i:i + 1] for c in columns}
+                             for i, k in enumerate(rows["key"]) if rows["status"][i] == "ok"}}
+        return Plan(inputs=tuple(Column(c, "float32", None) for c in columns),
+                    outputs=(*edited_columns(G, cfg.space, source.base_level), Column("image_png", "bytes")),
+                    labels=(Column("edit", "str"), Column("kind", "str"), Column("strength", "float64")),
+                    resources=Resources(num_cpus=1, num_gpus=1),
+                    variants=tuple(f"{e.label}|{s:g}" for e in edits for s in e.strengths),
+                    summary=("source_key", "edit", "strength", "status", "image_png"), prepared=prepared,
+                    checkpoints={"generator": G.generator_id,
+                                 **{f"direction:{label}": sha256_hex(data) for label, (_, data) in files.items()}},
+                    fingerprint={"edits": [config_dict(e) for e in edits]})
 
-    def setup(self, device: str = "cpu") -> None:
-        from ops.invert_stage import generator_on
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
+        from ops.latents import generator_on
 
-        self.G = generator_on(self.generator, device)
-        self.device = self.G.input.input.device
+        super().setup(plan, device)
+        self.edits = plan.prepared["edits"]
+        self.G = generator_on(plan.prepared["generator"], device)
+        self.std = plan.prepared["std"]
         if self.std is None and any(e.kind == "channel" for e in self.edits):
             self.std = channel_std(self.G, cache_dir=self.config.cache_dir).numpy()
 
-    def variants(self) -> list[str]:
-        return [f"{e.label}|{s:g}" for e in self.edits for s in e.strengths]
-
-    def expand(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = super().expand(batch)
-        plan = [(e, s) for e in self.edits for s in e.strengths]
-        out["edit"] = objects([plan[v][0].label for v in out["variant"]])
-        out["kind"] = objects([plan[v][0].kind for v in out["variant"]])
-        out["strength"] = np.array([plan[v][1] for v in out["variant"]], dtype=np.float64)
-        return out
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        return {**blank_like(self._shapes, n), "image_png": objects([b""] * n)}
+    def variant_columns(self, variant: np.ndarray) -> dict[str, np.ndarray]:
+        plan = [(e, s) for e in self.plan.prepared["edits"] for s in e.strengths]
+        return {"edit": objects([plan[v][0].label for v in variant]), "kind": objects([plan[v][0].kind for v in variant]),
+                "strength": np.array([plan[v][1] for v in variant], dtype=np.float64)}
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ops.images import encode_png, to_uint8
 
         n = len(batch["key"])
-        out = {**self.blank(n), "error_code": objects([""] * n), "error": objects([""] * n),
-               "status": objects(["ok"] * n)}
+        out = blank(self.plan.outputs, n)
+        out.update(error_code=objects([""] * n), error=objects([""] * n), status=objects(["ok"] * n))
         plan = [(e, s) for e in self.edits for s in e.strengths]
+        space, device = self.config.space, self.G.device
         std = torch.from_numpy(self.std) if self.std is not None else None
-        refs = {k: {c: torch.from_numpy(a).to(self.device) for c, a in cols.items()} for k, cols in self.refs.items()}
+        refs = {k: {c: torch.from_numpy(a).to(device) for c, a in cols.items()}
+                for k, cols in self.plan.prepared["refs"].items()}
         for v in np.unique(batch["variant"]):
             rows = np.flatnonzero(batch["variant"] == v)
             edit, strength = plan[v]
-            if edit.kind not in APPLICABLE[self.config.space]:
+            if edit.kind not in APPLICABLE[space]:
                 out["status"][rows], out["error_code"][rows] = "skipped", "not_applicable"
-                out["error"][rows] = f"{edit.kind} edits do not apply to {self.config.space} latents"
+                out["error"][rows] = f"{edit.kind} edits do not apply to {space} latents"
                 continue
-            columns = {c: torch.from_numpy(np.ascontiguousarray(batch[c][rows])).to(self.device)
-                       for c in SPACE_COLUMNS[self.config.space]}
-            direction = self.directions.get(edit.label)
+            columns = {c: torch.from_numpy(np.ascontiguousarray(batch[c][rows])).to(device)
+                       for c in SPACE_COLUMNS[space]}
+            direction = self.plan.prepared["directions"].get(edit.label)
             try:
                 with torch.no_grad():
-                    result = apply_edit(self.G, edit, strength, self.config.space, columns, refs,
+                    result = apply_edit(self.G, edit, strength, space, columns, refs,
                                         torch.from_numpy(direction) if direction is not None else None, std)
-                    pixels = to_uint8(render_edited(self.G, self.config.space, result, self.base_level))
+                    pixels = to_uint8(render_edited(self.G, space, result, self.plan.prepared["base_level"]))
             except (ValueError, KeyError) as exc:  # a misfit edit fails its own rows, not the others
                 out["status"][rows], out["error_code"][rows] = "failed", "edit_error"
                 out["error"][rows] = f"{type(exc).__name__}: {exc}"
                 continue
-            for column in self._shapes:
-                if column in result:
+            for column in result:
+                if column in out:
                     out[column][rows] = result[column].cpu().numpy()
             out["image_png"][rows] = objects([encode_png(p) for p in pixels])
         return out
-
-    def summary_columns(self) -> tuple[str, ...]:
-        return ("source_key", "edit", "strength", "status", "image_png")
 
     def summary_previews(self, table: dict) -> dict[str, np.ndarray]:
         """One grid per edit: rows = the first source images, columns = strengths."""
@@ -364,7 +347,7 @@ class EditStage(Stage):
             if status == "ok"}
         sources = sorted({s for s, _, _ in cells})
         grids = {}
-        for edit in self.edits:
+        for edit in self.plan.prepared["edits"]:
             grid = png_grid({(s, st): png for (s, e, st), png in cells.items() if e == edit.label}, sources,
                             [float(st) for st in edit.strengths])
             if grid is not None:
@@ -372,11 +355,11 @@ class EditStage(Stage):
         return grids
 
 
-def edited_shapes(G, space: str, base_level: int) -> dict[str, tuple[int, ...]]:
+def edited_columns(G, space: str, base_level: int) -> tuple[Column, ...]:
     """The latent columns an edit of `space` writes: S always, the W+ code unless S, the base code for fwplus."""
-    shapes = {"styles": (G.n_styles,)}
-    if space != "s":
-        shapes["fwplus_wplus" if space == "fwplus" else "wplus"] = (G.n_latent, G.style_dim)
-    if space == "fwplus":
-        shapes["fwplus_base_code"] = (G.channels[base_level], base_level, base_level)
-    return shapes
+    from ops import latents
+
+    found = latents.shapes(G, base_level)
+    names = ["styles"] + ([] if space == "s" else ["fwplus_wplus" if space == "fwplus" else "wplus"]) + \
+        (["fwplus_base_code"] if space == "fwplus" else [])
+    return tuple(Column(c, "float32", found[c]) for c in names)

@@ -14,6 +14,14 @@ def to_uint8(images) -> np.ndarray:
     return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def to_tensor(images: np.ndarray, device=None):
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] tensor in [-1, 1] (the inverse of `to_uint8`)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images).astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+    return x.to(device) if device is not None else x
+
+
 def make_grid(images: np.ndarray, ncols: int, pad: int = 2) -> np.ndarray:
     """uint8 [N, H, W, 3] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, 3] image, row-major, white padding."""
     n, h, w, c = images.shape

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ops.stage import Context, Provenance, Stage, blank_like, objects
+from ops import latents
+from ops.stage import Context, Plan, Stage, objects
 
 
 @dataclass(frozen=True)
@@ -21,25 +22,38 @@ class ImportConfig:
 class ImportStage(Stage):
     name = "import"
     Config = ImportConfig
-    batch_size = 256
+    help = "latents of other tools (rosinality/NVIDIA projector, e4e/pSp latents.pt, .npy/.npz) -> latentray rows"
+    examples = ("latentray import --input projected_w.npz --output out/imported --generator ffhq.pt",
+                "latentray import --input latents.pt --keys image_list.txt --output out/e4e --generator ffhq.pt")
+    reads_outputs = False
+    reads_files = True
 
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         from models.checkpoints import load_generator
-        from ops.invert_stage import generator_path, schema_metadata
 
-        G = load_generator(generator_path(self.config.generator))
-        self.shape = (G.n_latent, G.style_dim)
-        return Provenance(checkpoints={"generator": G.generator_id},
-                          metadata=schema_metadata(G, self.config.generator, ("wplus",), 16))
+        G = load_generator(latents.generator_path(self.config.generator))
+        return Plan(outputs=latents.columns(G, ("wplus",)), batch_size=256, checkpoints={"generator": G.generator_id},
+                    metadata=latents.schema_metadata(G, self.config.generator, ("wplus",), latents.BASE_LEVEL),
+                    prepared={"shape": (G.n_latent, G.style_dim)})
 
-    def fit(self, latents: np.ndarray, path: str) -> np.ndarray:
-        """The file's latents as this generator's W+ (the shape check: a misfit is refused before any row)."""
-        from models.latents import fit_latents
+    def read_files(self, inputs: list[str], context: Context, plan: Plan) -> tuple[dict, dict]:
+        """Every input file's latents, keyed, fitted to the generator (a misfit is refused before any row)."""
+        from models.checkpoints import sha256_hex
+        from models.latents import fit_latents, load_latent_file
 
-        return fit_latents(latents, *self.shape, path)
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        return blank_like({"wplus": self.shape}, n)
+        shape = plan.prepared["shape"]
+        keys = [k.strip() for k in context.read_bytes(self.config.keys).decode().splitlines() if k.strip()] \
+            if self.config.keys else None
+        names, found, sources = [], [], {}
+        for path in inputs:
+            data = context.read_bytes(path)
+            named, values, fmt = load_latent_file(path, keys if len(inputs) == 1 else None, data)
+            names += named
+            found.append(fit_latents(values, *shape, path))
+            sources[path] = {"format": fmt, "sha256": sha256_hex(data), "rows": len(named)}
+        if len(set(names)) != len(names):
+            raise ValueError(f"the latent files {inputs} share keys: give each run its own files")
+        return {"key": objects(names), "latent": np.concatenate(found)}, {"latent_files": sources}
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wplus = np.asarray(batch["latent"], np.float32)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from models.checkpoints import read_bytes
 from ops.align import AlignConfig, AlignError, align_image
 from ops.images import thumbnail
-from ops.stage import Context, Provenance, Stage, blank_like, objects
+from ops.stage import Column, Context, Plan, Stage, image_column, objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_SUFFIX = ".mask.png"  # `photo.jpg`'s known-pixel mask is `photo.mask.png` beside it (white = known)
@@ -85,13 +86,6 @@ def list_input_files(inputs: list[str]) -> list[tuple[str, str, dict]]:
                 info = {"size": -1}
             add(spec, spec, info)
     return sorted((key, uri, info) for key, (uri, info) in found.items())
-
-
-def read_bytes(uri: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(uri, "rb") as f:
-        return f.read()
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
@@ -226,10 +220,10 @@ class IngestConfig:
     decode: DecodeConfig = DecodeConfig()
 
 
-INGEST_TEXT = {"sha256": "", "format": ""}
-INGEST_ARRAYS = {"width": ((), np.int64), "height": ((), np.int64), "n_faces": ((), np.int64),
-                 "face_score": ((), np.float32), "landmarks": ((68, 2), np.float32), "quad": ((4, 2), np.float32),
-                 "align_transform": ((2, 3), np.float32)}
+INGEST_COLUMNS = (Column("sha256", "str"), Column("format", "str"), Column("width", "int64"),
+                  Column("height", "int64"), Column("n_faces", "int64", fill=-1), Column("face_score", "float32"),
+                  Column("landmarks", "float32", (68, 2)), Column("quad", "float32", (4, 2)),
+                  Column("align_transform", "float32", (2, 3)))
 
 
 class IngestStage(Stage):
@@ -238,56 +232,52 @@ class IngestStage(Stage):
 
     name = "ingest"
     Config = IngestConfig
-    batch_size = 8
+    help = "decode + align photos; crops and geometry to Parquet (invert, translate, ... read it)"
+    examples = ("latentray ingest --input photos/ --output out/aligned --size 1024",
+                "latentray ingest --input s3://bucket/photos/ --output s3://bucket/aligned --align none")
+    photos = "self"
+    reads_outputs = False
     describes_input = ("sha256",)  # a photo that fails to decode or align still says which bytes it was
 
     def __init__(self, config: IngestConfig | None = None, keep_pixels: bool = True):
-        from models.default_generator import ARCHITECTURE as BUNDLED
-
         super().__init__(config)
         self.keep_pixels = keep_pixels
-        self.image_size = self.config.size or BUNDLED["size"]
 
     @classmethod
-    def feeding(cls, stage: Stage, config: IngestConfig | None = None) -> "IngestStage":
-        """The ingest that turns photos into `stage`'s input: crops at the stage's size (or a larger one given,
-        which the stage then reduces), pixels passed on, not stored."""
+    def feeding(cls, image_size: int, config: IngestConfig | None = None) -> "IngestStage":
+        """The ingest that turns photos into the input of a stage taking `image_size` crops (or a larger size
+        given, which that stage then reduces); pixels passed on, not stored."""
         config = config or IngestConfig()
-        size = config.size or stage.image_size
-        if size < stage.image_size:
-            raise ValueError(f"--size {size} is below the {stage.image_size} px {stage.name} needs")
+        size = config.size or image_size
+        if size < image_size:
+            raise ValueError(f"--size {size} is below the {image_size} px the stage needs")
         return cls(dataclasses.replace(config, size=size), keep_pixels=False)
 
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         from models.checkpoints import file_sha256
+        from models.default_generator import ARCHITECTURE as BUNDLED
         from ops.align import LANDMARKS_68, check_backend, face_models_dir
 
         check_backend(self.config.alignment)  # a missing landmark model fails here, not once per image
-        if self.config.alignment.align != "ffhq":
-            return Provenance()
-        return Provenance(checkpoints={"landmarks": file_sha256(str(face_models_dir() / LANDMARKS_68))})
-
-    def preview_columns(self) -> tuple[str, ...]:
-        return ("original", "image") if self.keep_pixels else ()
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        size = self.image_size
-        out = {c: objects([v] * n) for c, v in INGEST_TEXT.items()}
-        out.update(blank_like({c: shape for c, (shape, _) in INGEST_ARRAYS.items()}, n,
-                              {c: t for c, (_, t) in INGEST_ARRAYS.items()}))
-        out["n_faces"][:] = -1
-        out["image"], out["original"] = (np.zeros((n, size, size, 3), np.uint8) for _ in range(2))
+        size = self.config.size or BUNDLED["size"]
+        outputs = [*INGEST_COLUMNS, image_column("image", size, stored=False),
+                   image_column("original", size, stored=False)]
         if self.config.masks:
-            out["mask"] = np.zeros((n, size, size), np.uint8)
+            outputs.append(Column("mask", "uint8", (size, size)))
         if self.keep_pixels:
-            out["aligned"] = out["image"]
-        return out
+            outputs.append(image_column("aligned", size))
+        checkpoints = {"landmarks": file_sha256(str(face_models_dir() / LANDMARKS_68))} \
+            if self.config.alignment.align == "ffhq" else {}
+        return Plan(outputs=tuple(outputs), image_size=size, checkpoints=checkpoints,
+                    previews=("original", "image") if self.keep_pixels else ())
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [ingest_row(k, u, self.image_size, self.config.decode, self.config.alignment, self.config.masks)
+        size = self.plan.image_size
+        rows = [ingest_row(k, u, size, self.config.decode, self.config.alignment, self.config.masks)
                 for k, u in zip(batch["key"], batch["uri"])]
-        out = {c: objects([r[c] for r in rows]) for c in ("error_code", "error", *INGEST_TEXT)}
-        out.update({c: np.stack([np.asarray(r[c], dtype=t) for r in rows]) for c, (_, t) in INGEST_ARRAYS.items()})
+        out = {c: objects([r[c] for r in rows]) for c in ("error_code", "error", "sha256", "format")}
+        out.update({c.name: np.stack([np.asarray(r[c.name], dtype=c.dtype) for r in rows])
+                    for c in INGEST_COLUMNS if c.dtype != "str"})
         out["image"] = np.stack([r["image"] for r in rows])
         out["original"] = np.stack([r["original"] for r in rows])
         if self.config.masks:
@@ -309,8 +299,12 @@ class DecodeStage(Stage):
     Config = DecodeOnlyConfig
     describes_input = ("sha256",)
 
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        return {"sha256": objects([""] * n), "image": objects([b""] * n)}
+    @classmethod
+    def feeding(cls, image_size: int | None, config: DecodeOnlyConfig | None = None) -> "DecodeStage":
+        return cls(config)
+
+    def prepare(self, context: Context) -> Plan:
+        return Plan(outputs=(Column("sha256", "str"), Column("image", "bytes", stored=False)))
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ops.images import encode_png
@@ -319,3 +313,11 @@ class DecodeStage(Stage):
         return {"sha256": objects([r["sha256"] for r in rows]), "error_code": objects([r["error_code"] for r in rows]),
                 "error": objects([r["error"] for r in rows]),
                 "image": objects([encode_png(r["image"]) if r["image"] is not None else b"" for r in rows])}
+
+
+PHOTO_READERS = {"ingest": (IngestStage, IngestConfig), "decode": (DecodeStage, DecodeOnlyConfig)}
+
+
+def photo_reader(kind: str, image_size: int | None, config=None) -> Stage:
+    """The CPU stage turning photo files into the rows of a stage whose `photos` is `kind`."""
+    return PHOTO_READERS[kind][0].feeding(image_size, config)

@@ -133,7 +133,7 @@ def shared_perceptual(net: str, backbone: str):
 @torch.no_grad()
 def w_statistics(G, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
     """(w_avg [D], sigma_w): the checkpoint's w_avg when it has one, and the RMS distance of n mapped samples."""
-    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(G.input.input.device)
+    z = torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed)).to(G.device)
     w = G.mapping(z)
     mean = w.mean(0)
     sigma = ((w - mean).square().sum() / n).sqrt().item()
@@ -150,7 +150,7 @@ class Inverter:
     def __init__(self, G, config: InvertConfig, encoder=None, perceptual=None, identity=None):
         self.G, self.encoder, self.identity = G, encoder, identity
         self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
-        self.device = G.input.input.device
+        self.device = G.device
         self.use_autocast = self.device.type == "cuda" if self.cfg.autocast is None else self.cfg.autocast
         synthesis = {"w": G.synthesis, "wplus": G.synthesis, "s": G.synthesis_from_styles,
                      "fwplus": G.synthesis_from_base_code}[self.cfg.space]

@@ -15,7 +15,8 @@ from typing import Literal
 
 import numpy as np
 
-from ops.stage import Context, Provenance, Resources, Stage, objects
+from ops.latents import SPACE_COLUMNS
+from ops.stage import Column, Context, Plan, Resources, Stage, blank, image_column, objects
 
 THUMB = 128  # preview tiles
 
@@ -78,8 +79,8 @@ class PasteConfig:
     generator: str = ""  # checkpoint for --space ("": the one the latents were made with)
 
 
-SPACE_COLUMNS = {"wplus": ("wplus",), "s": ("styles",), "fwplus": ("fwplus_wplus", "fwplus_base_code")}
-GEOMETRY = ("uri", "align_transform", "landmarks")
+GEOMETRY = (Column("uri", "str"), Column("align_transform", "float32", (2, 3)),
+            Column("landmarks", "float32", (68, 2)))
 
 
 class PasteStage(Stage):
@@ -88,63 +89,61 @@ class PasteStage(Stage):
 
     name = "paste"
     Config = PasteConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    batch_size = 8
+    help = "put edited (or reconstructed) aligned faces back into the original photos"
+    examples = ("latentray paste --input out/edits --photos out/latents --output out/pasted",
+                "latentray paste --input out/latents --space wplus --output out/reconstructed_in_photo")
 
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         cfg = self.config
-        self.uses_models = bool(cfg.space)
-        self.key_source = "source_key" if (context.upstream or {}).get("stage") in ("edit", "stylize") else "key"
-        image = SPACE_COLUMNS[cfg.space] if cfg.space else (cfg.column,)
-        self.geometry = None
-        if cfg.photos:  # the photos' geometry, keyed by the photo's key
-            table = context.read_output(cfg.photos, list(GEOMETRY))
-            self.geometry = {str(k): {c: table[c][i] for c in GEOMETRY} for i, k in enumerate(table["key"])}
-        self.input_columns = ("key", "status", "error_code", "error", *image,
-                              *(("source_key",) if self.key_source == "source_key" else ()),
-                              *(() if cfg.photos else GEOMETRY))
-        checkpoints = {}
+        key_source = "source_key" if (context.upstream or {}).get("stage") in ("edit", "stylize") else "key"
+        geometry = None
+        if cfg.photos and context.read_output:  # the photos' geometry, keyed by the photo's key
+            table = context.read_output(cfg.photos, [c.name for c in GEOMETRY])
+            geometry = {str(k): {c.name: table[c.name][i] for c in GEOMETRY} for i, k in enumerate(table["key"])}
+        inputs = [Column(key_source, "str"), *(() if cfg.photos else GEOMETRY)]
+        checkpoints, prepared = {}, {"key_source": key_source, "geometry": geometry}
         if cfg.space:
-            from ops.invert_stage import latent_source, load_checked_generator
+            from ops.latents import reading_latents
 
-            source = latent_source(context.upstream, "paste --space")
-            self.generator, self.base_level = cfg.generator or source["generator"], source["base_level"]
-            checkpoints["generator"] = load_checked_generator(self.generator, source["generator_id"]).generator_id
-        return Provenance(checkpoints=checkpoints)
+            source, G = reading_latents(context, "paste --space", cfg.generator)
+            prepared.update(generator=source.generator, base_level=source.base_level)
+            checkpoints["generator"] = G.generator_id
+            inputs += [Column(c, "float32", None) for c in SPACE_COLUMNS[cfg.space]]
+        else:
+            inputs.append(Column(cfg.column, (context.columns or {}).get(cfg.column, Column("", "bytes")).dtype, None))
+        return Plan(outputs=(Column("pasted_png", "bytes"), image_column("original", THUMB, stored=False),
+                             image_column("recon_pasted", THUMB, stored=False)),
+                    inputs=tuple(inputs), resources=Resources(num_cpus=1, num_gpus=1 if cfg.space else 0),
+                    previews=("original", "recon_pasted"), checkpoints=checkpoints, prepared=prepared)
 
-    def setup(self, device: str = "cpu") -> None:
-        from ops.invert_stage import generator_on
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
+        from ops.latents import generator_on
 
-        self.G = generator_on(self.generator, device) if self.config.space else None
-
-    def preview_columns(self) -> tuple[str, ...]:
-        return ("original", "recon_pasted")
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        return {"pasted_png": objects([b""] * n), "original": np.zeros((n, THUMB, THUMB, 3), np.uint8),
-                "recon_pasted": np.zeros((n, THUMB, THUMB, 3), np.uint8)}
+        super().setup(plan, device)
+        self.G = generator_on(plan.prepared["generator"], device) if self.config.space else None
 
     def faces(self, batch: dict) -> list[np.ndarray]:
         from ops.images import decode_cell, to_uint8
 
         if not self.config.space:
             return [decode_cell(cell) for cell in batch[self.config.column]]
-        from ops.render import render
+        from ops.latents import render
 
         columns = {c: batch[c] for c in SPACE_COLUMNS[self.config.space]}
-        return list(to_uint8(render(self.G, columns, self.config.space, self.base_level)))
+        return list(to_uint8(render(self.G, columns, self.config.space, self.plan.prepared["base_level"])))
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ops.align import to_aligned_frame
         from ops.images import encode_png, thumbnail
-        from ops.ingest import decode_image, read_bytes
+        from models.checkpoints import read_bytes
+        from ops.ingest import decode_image
 
         n = len(batch["key"])
-        out = {**self.blank(n), "error_code": objects([""] * n), "error": objects([""] * n)}
+        out = {**blank(self.plan.outputs, n), "error_code": objects([""] * n), "error": objects([""] * n)}
+        known = self.plan.prepared["geometry"]
         for i, face in enumerate(self.faces(batch)):
-            source = str(batch[self.key_source][i])
-            geometry = self.geometry.get(source) if self.geometry is not None else \
-                {c: batch[c][i] for c in GEOMETRY}
+            source = str(batch[self.plan.prepared["key_source"]][i])
+            geometry = known.get(source) if known is not None else {c.name: batch[c.name][i] for c in GEOMETRY}
             if geometry is None or not np.isfinite(np.asarray(geometry["align_transform"], float)).all():
                 out["error_code"][i], out["error"][i] = "no_geometry", f"no photo geometry for {source!r}"
                 continue

@@ -4,7 +4,6 @@ regulariser. Everything is per image: [B, ...] in, [B] out."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ def to_p_space(w: torch.Tensor) -> torch.Tensor:
 def compute_p_space_stats(G, n: int, seed: int = 0, batch: int = 10_000) -> PSpaceStats:
     """Mean and unbiased covariance accumulated in float64 over n mapped samples, then a symmetric eigensolver."""
     gen = torch.Generator().manual_seed(seed)
-    device = G.input.input.device
+    device = G.device
     total = torch.zeros(G.style_dim, dtype=torch.float64)
     outer = torch.zeros(G.style_dim, G.style_dim, dtype=torch.float64)
     for start in range(0, n, batch):
@@ -57,19 +56,14 @@ def compute_p_space_stats(G, n: int, seed: int = 0, batch: int = 10_000) -> PSpa
 
 def load_or_compute_p_space_stats(G, n: int, seed: int = 0, cache_dir: str | None = None) -> PSpaceStats:
     """Cached by generator id (a file per generator, sample count and seed) when `cache_dir` is given."""
-    path = None
-    if cache_dir and getattr(G, "generator_id", None):
-        path = Path(cache_dir) / f"pspace-{G.generator_id[:16]}-n{n}-s{seed}.pt"
-        if path.exists():
-            d = torch.load(path, weights_only=True)
-            return PSpaceStats(d["mean"], d["eigvals"], d["eigvecs"], d["n"])
-    stats = compute_p_space_stats(G, n, seed)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"mean": stats.mean, "eigvals": stats.eigvals, "eigvecs": stats.eigvecs, "n": n}, tmp)
-        tmp.replace(path)
-    return stats
+    from ops.latents import cached
+
+    def compute():
+        stats = compute_p_space_stats(G, n, seed)
+        return {"mean": stats.mean, "eigvals": stats.eigvals, "eigvecs": stats.eigvecs, "n": torch.tensor(n)}
+
+    d = cached(G, cache_dir, f"pspace-n{n}-s{seed}", compute)
+    return PSpaceStats(d["mean"], d["eigvals"], d["eigvecs"], int(d["n"]))
 
 
 def pnorm_penalty(wplus: torch.Tensor, stats: PSpaceStats) -> torch.Tensor:

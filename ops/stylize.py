@@ -9,7 +9,7 @@ import torch
 
 from models.stylegan2 import per_sample
 from ops.destylize import map_zplus
-from ops.stage import Context, Provenance, Resources, Stage, objects
+from ops.stage import Column, Context, Plan, Resources, Stage, blank, image_column, objects
 
 DEFAULT_WEIGHTS = (0.75,) * 7 + (1.0,) * 11  # structure 0.75 (rows 0-6), colour 1 (rows 7-17); cut to n_latent
 
@@ -74,59 +74,50 @@ class StylizeStage(Stage):
 
     name = "stylize"
     Config = StylizeConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    uses_models = True
-    batch_size = 4
     required = ("dualstylegan", "encoder", "exstyles")
-    image_size = 256
+    help = "DualStyleGAN exemplar style transfer onto faces"
+    examples = ("latentray stylize --input faces/ --output out/cartoon --dualstylegan generator.pt --encoder "
+                "encoder.pt --exstyles exstyle_code.npy --styles 53,26",
+                "latentray stylize --input faces/ --output out/cartoon --dualstylegan generator.pt --encoder "
+                "encoder.pt --exstyles exstyle_code.npy --preserve-color")
+    photos = "ingest"
+    reads_outputs = False
 
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         from models.checkpoints import file_sha256
 
         cfg = self.config
         model, _, styles, _ = load_stylize_models(cfg)
-        self.style_names, self.size = list(styles), model.generator.size
-        return Provenance(checkpoints={c: file_sha256(getattr(cfg, c)) for c in ("dualstylegan", "encoder",
-                                                                                   "exstyles")},
-                          fingerprint={"styles": self.style_names})
+        names, size = tuple(styles), model.generator.size
+        return Plan(outputs=(Column("image_png", "bytes"), image_column("recon_stylized", size, stored=False)),
+                    inputs=(image_column("image", 256),), resources=Resources(num_cpus=1, num_gpus=1),
+                    batch_size=4, image_size=256, variants=names, labels=(Column("style", "str"),),
+                    previews=("original", "recon_stylized"), summary=("source_key", "style", "status", "image_png"),
+                    checkpoints={c: file_sha256(getattr(cfg, c)) for c in ("dualstylegan", "encoder", "exstyles")},
+                    fingerprint={"styles": list(names)})
 
-    def setup(self, device: str = "cpu") -> None:
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
         from ops.stage import resolve_device
 
+        super().setup(plan, device)
         self.model, self.encoder, self.codes, self.weights = load_stylize_models(self.config, resolve_device(device))
 
-    def variants(self) -> list[str]:
-        return self.style_names
-
-    def expand(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = super().expand(batch)
-        out["style"] = objects([self.style_names[v] for v in out["variant"]])
-        return out
-
-    def preview_columns(self) -> tuple[str, ...]:
-        return ("original", "recon_stylized")
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        return {"image_png": objects([b""] * n), "recon_stylized": np.zeros((n, self.size, self.size, 3), np.uint8)}
+    def variant_columns(self, variant: np.ndarray) -> dict[str, np.ndarray]:
+        return {"style": objects([self.plan.variants[v] for v in variant])}
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ops.images import encode_png, to_uint8
+        from ops.images import encode_png, to_tensor, to_uint8
 
-        n = len(batch["key"])
-        out = self.blank(n)
-        device = self.model.generator.input.input.device
+        out = blank(self.plan.outputs, len(batch["key"]))
+        device = self.model.generator.device
         for v in np.unique(batch["variant"]):
             rows = np.flatnonzero(batch["variant"] == v)
-            faces = torch.from_numpy(np.stack(batch["image"][rows]).astype(np.float32)).permute(0, 3, 1, 2)
-            code = torch.from_numpy(self.codes[self.style_names[v]])
-            pixels = to_uint8(stylize(self.model, self.encoder, faces.to(device) / 127.5 - 1, code, self.weights,
-                                      self.config.truncation, self.config.preserve_color))
+            code = torch.from_numpy(self.codes[self.plan.variants[v]])
+            pixels = to_uint8(stylize(self.model, self.encoder, to_tensor(np.stack(batch["image"][rows]), device),
+                                      code, self.weights, self.config.truncation, self.config.preserve_color))
             out["recon_stylized"][rows] = pixels
             out["image_png"][rows] = objects([encode_png(p) for p in pixels])
         return out
-
-    def summary_columns(self) -> tuple[str, ...]:
-        return ("source_key", "style", "status", "image_png")
 
     def summary_previews(self, table: dict) -> dict[str, np.ndarray]:
         """styles.png: rows = the first faces, columns = exemplars."""
@@ -134,5 +125,5 @@ class StylizeStage(Stage):
 
         cells = {(f, s): png for f, s, st, png in zip(table["source_key"], table["style"], table["status"],
                                                       table["image_png"]) if st == "ok"}
-        grid = png_grid(cells, sorted({f for f, _ in cells}), self.style_names)
+        grid = png_grid(cells, sorted({f for f, _ in cells}), list(self.plan.variants))
         return {"styles": grid} if grid is not None else {}

@@ -32,7 +32,7 @@ class EncoderTrainConfig:
 
 def training_batch(G, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(W+, image) pairs drawn from the generator, truncated like the release's training data."""
-    z = torch.randn(n, G.style_dim, generator=gen).to(G.input.input.device)
+    z = torch.randn(n, G.style_dim, generator=gen).to(G.device)
     with torch.no_grad():
         wplus = G.to_wplus(G.mapping(z)).clone()
         if G.w_avg is not None:
@@ -46,7 +46,7 @@ def train_basecode_encoder(G, cfg: EncoderTrainConfig, log_every: int = 0) -> Ba
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         encoder = BaseCodeEncoder(cfg.level, G.channels[cfg.level], cfg.width, cfg.max_width)
-    encoder.to(G.input.input.device).train()
+    encoder.to(G.device).train()
     encoder.generator_id = getattr(G, "generator_id", None)
     perceptual = shared_perceptual(cfg.lpips_net, cfg.lpips_backbone)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)

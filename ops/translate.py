@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ops.stage import Context, Provenance, Resources, Stage, objects
+from ops.stage import Column, Context, Plan, Resources, Stage, blank, image_column
 
 PREPROCESS = ("resize_and_crop", "none")
 
@@ -59,12 +59,14 @@ class TranslateStage(Stage):
 
     name = "translate"
     Config = TranslateConfig
-    resources = Resources(num_cpus=1, num_gpus=1)
-    uses_models = True
     required = ("translator",)
-    input_columns = ("key", "status", "error_code", "error", "image")
+    help = "CycleGAN or pix2pix translation of photos or of a stage's images"
+    examples = ("latentray translate --input photos/ --output out/zebra --translator latest_net_G_A.pth",
+                "latentray translate --input out/aligned --column aligned --output out/b --translator "
+                "latest_net_G.pth --batch-stats --dropout")
+    photos = "decode"
 
-    def prepare(self, context: Context) -> Provenance:
+    def prepare(self, context: Context) -> Plan:
         from models.checkpoints import file_sha256
         from models.translation import load_translator
 
@@ -73,30 +75,30 @@ class TranslateStage(Stage):
         if context.upstream is not None and not cfg.column:
             raise ValueError("the input is a stage output: name its image column with --column (e.g. aligned, "
                              "image_png)")
-        return Provenance(checkpoints={"translator": file_sha256(cfg.translator)},
-                          fingerprint={"network": {"kind": G.kind, **G.config}})
+        found = (context.columns or {}).get(cfg.column)  # pixels (uint8 [H, W, 3]) or encoded images: both decode
+        image = Column("image", found.dtype if found is not None else "bytes", None)
+        return Plan(outputs=(Column("translated_png", "bytes"), image_column("original", THUMB, stored=False),
+                             image_column("recon_translated", THUMB, stored=False)),
+                    inputs=(image,), resources=Resources(num_cpus=1, num_gpus=1),
+                    previews=("original", "recon_translated"), rename={cfg.column: "image"} if cfg.column else {},
+                    checkpoints={"translator": file_sha256(cfg.translator)},
+                    fingerprint={"network": {"kind": G.kind, **G.config}})
 
-    def setup(self, device: str = "cpu") -> None:
+    def setup(self, plan: Plan, device: str = "cpu") -> None:
         from models.translation import load_translator
         from ops.stage import resolve_device
 
+        super().setup(plan, device)
         cfg = self.config
         self.device = resolve_device(device)
         self.G = load_translator(cfg.translator, self.device, batch_stats=cfg.batch_stats, dropout=cfg.dropout)
-
-    def preview_columns(self) -> tuple[str, ...]:
-        return ("original", "recon_translated")
-
-    def blank(self, n: int) -> dict[str, np.ndarray]:
-        return {"translated_png": objects([b""] * n), "original": np.zeros((n, THUMB, THUMB, 3), np.uint8),
-                "recon_translated": np.zeros((n, THUMB, THUMB, 3), np.uint8)}
 
     def compute(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from models.translation import translate
         from ops.images import decode_cell, encode_png, thumbnail
         from ops.invert import key_generator
 
-        out = self.blank(len(batch["key"]))
+        out = blank(self.plan.outputs, len(batch["key"]))
         tensors = []
         for i, cell in enumerate(batch["image"]):
             image = decode_cell(cell)

@@ -1,12 +1,15 @@
-"""`latentray` command line, generated from the stage Configs: every Config field (nested ones flattened) is a flag
-and a `--set` key, its help the field's comment, its default the dataclass's. Options layer as: defaults <
-`--config FILE` < flags on the command line < `--set key=value`; unknown names and bad values are errors."""
+"""`latentray` command line, generated from the stages: every stage of ops/ with a help line is a subcommand (it
+registers itself by being defined), and every field of its Config (nested ones flattened), of its photo reader's
+Config and of RunOptions is a flag and a `--set` key, its help the field's comment, its default the dataclass's.
+Options layer as: defaults < `--config FILE` < flags on the command line < `--set key=value`; unknown names and bad
+values are errors."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -20,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines import channels, dci, destylize, edit, import_latents, ingest, invert, paste, stylize, translate
-from pipelines.runtime import RunOptions
+from ops.ingest import PHOTO_READERS
+from ops.stage import registered
+from pipelines.driver import RunOptions
 
-ADAPTERS = {a.stage.name: a for a in (ingest.ADAPTER, invert.ADAPTER, import_latents.ADAPTER, edit.ADAPTER,
-                                      channels.ADAPTER, dci.ADAPTER, paste.ADAPTER, destylize.ADAPTER,
-                                      stylize.ADAPTER, translate.ADAPTER)}
+STAGES = registered()
 EXIT_FOUND, EXIT_ERROR, EXIT_LOCKED = 1, 2, 3  # verify found damage; bad input or failure; output in use
 
 
@@ -40,6 +42,7 @@ class Option:
     help: str
 
 
+@functools.lru_cache(maxsize=None)
 def field_comments(cls) -> dict[str, str]:
     """Each field's comment: the one at the end of its line, else the comment lines right above it."""
     source = textwrap.dedent(inspect.getsource(cls))
@@ -75,17 +78,25 @@ def config_options(cls, default, root: str, path: tuple[str, ...] = ()) -> list[
     return out
 
 
-def command_options(adapter) -> list[Option]:
-    """Every option of a stage's subcommand: its Config's fields, its photo reader's, and the run options."""
-    options = config_options(adapter.stage.Config, adapter.stage.Config(), "stage")
-    if adapter.photos_config is not None:
-        options += config_options(adapter.photos_config, adapter.photos_config(), "photos")
+def photos_config(stage) -> type | None:
+    """The Config of the CPU stage that turns photos into this stage's rows (its fields are options too)."""
+    return PHOTO_READERS[stage.photos][1] if stage.photos in PHOTO_READERS else None
+
+
+@functools.lru_cache(maxsize=None)
+def command_options(stage) -> tuple[Option, ...]:
+    """Every option of a stage's subcommand: its Config's fields, its photo reader's, and the run options (computed
+    once per stage)."""
+    options = config_options(stage.Config, stage.Config(), "stage")
+    reader = photos_config(stage)
+    if reader is not None:
+        options += config_options(reader, reader(), "photos")
     options += config_options(RunOptions, RunOptions(), "run")
     names = [o.name for o in options]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise TypeError(f"{adapter.stage.name}: options {clashes} are declared twice")
-    return options
+        raise TypeError(f"{stage.name}: options {clashes} are declared twice")
+    return tuple(options)
 
 
 def is_optional(hint) -> bool:
@@ -176,26 +187,29 @@ def io_arguments(parser) -> None:
                         help="set one option, above flags and --config (repeatable)")
 
 
-def stage_parser(sub, adapter):
-    examples = "examples:\n" + "\n".join(f"  {e}" for e in adapter.examples)
-    p = sub.add_parser(adapter.stage.name, help=adapter.help, description=adapter.help,
-                       epilog=f"{examples}\n\n{adapter.epilog}".rstrip(), formatter_class=argparse.RawTextHelpFormatter)
+def stage_parser(sub, stage):
+    examples = "examples:\n" + "\n".join(f"  {e}" for e in stage.examples)
+    p = sub.add_parser(stage.name, help=stage.help, description=stage.help,
+                       epilog=f"{examples}\n\n{stage.epilog}".rstrip(), formatter_class=argparse.RawTextHelpFormatter)
     io_arguments(p)
-    for option in command_options(adapter):
+    for option in command_options(stage):
         add_option(p, option)
-    p.set_defaults(func=cmd_stage, adapter=adapter)
+    p.set_defaults(func=cmd_stage, stage=stage)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentray", formatter_class=argparse.RawTextHelpFormatter,
                                      epilog="examples:\n" + "\n".join(
-                                         f"  {a.examples[0]}" for a in ADAPTERS.values()))
+                                         f"  {s.examples[0]}" for s in STAGES.values() if s.examples))
     sub = parser.add_subparsers(dest="command", required=True)
-    for adapter in ADAPTERS.values():
-        stage_parser(sub, adapter)
-    p = sub.add_parser("run", help="run a YAML pipeline file: a list of stages with their options")
+    for stage in STAGES.values():
+        stage_parser(sub, stage)
+    p = sub.add_parser("run", help="run a YAML pipeline file: a list of stages with their options (the whole chain "
+                                   "is checked, column by column, before the first stage runs)")
     p.add_argument("file", help="YAML: {stages: [{stage: ingest, input: ..., output: ..., ...}, {stage: invert, ...}]}")
+    p.add_argument("--dry-run", action="store_true", help="check the chain and say what each stage would do; run "
+                                                           "nothing")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("sample", help="write a PNG grid of generator samples")
     p.add_argument("--generator", help="checkpoint (.pt rosinality/latentray, .pkl NVIDIA); default: bundled")
@@ -248,9 +262,9 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def stage_values(adapter, layers: list[dict], command: str) -> dict:
+def stage_values(stage, layers: list[dict], command: str) -> dict:
     """Merge option layers (lowest first) into {option name: typed value}, plus `input` and `output`."""
-    options = {o.name: o for o in command_options(adapter)}
+    options = {o.name: o for o in command_options(stage)}
     values = {}
     for layer in layers:
         for raw, value in layer.items():
@@ -267,18 +281,31 @@ def stage_values(adapter, layers: list[dict], command: str) -> dict:
     return values
 
 
-def run_adapter(adapter, values: dict) -> dict:
-    from pipelines.runtime import run
+@dataclass
+class Command:
+    """One stage's run as the command line asks for it: the stage, its photo reader's Config, the run options."""
 
-    options = command_options(adapter)
-    stage_cls = adapter.stage
-    config = build_config(stage_cls.Config, stage_cls.Config(), options, values, "stage")
-    photos = build_config(adapter.photos_config, adapter.photos_config(), options, values, "photos") \
-        if adapter.photos_config else None
-    run_options = build_config(RunOptions, RunOptions(), options, values, "run")
-    stats = run(adapter, values["input"], values["output"], config, photos, run_options)
-    summary(stage_cls.name, stats, values["output"])
-    return stats
+    stage: object
+    photos: object
+    options: RunOptions
+    inputs: list[str]
+    output: str
+
+    @classmethod
+    def of(cls, stage_cls, values: dict) -> "Command":
+        options = command_options(stage_cls)
+        reader = photos_config(stage_cls)
+        return cls(stage_cls(build_config(stage_cls.Config, stage_cls.Config(), options, values, "stage")),
+                   build_config(reader, reader(), options, values, "photos") if reader else None,
+                   build_config(RunOptions, RunOptions(), options, values, "run"), values["input"], values["output"])
+
+    def run(self, source=None) -> dict:
+        from pipelines import driver, sources
+
+        source = source or sources.source_for(self.stage, self.inputs)
+        stats = driver.run_stage(driver.prepare(self.stage, source, self.photos), self.output, self.options)
+        summary(self.stage.name, stats, self.output)
+        return stats
 
 
 def summary(name: str, stats: dict, output: str) -> None:
@@ -299,9 +326,9 @@ def summary(name: str, stats: dict, output: str) -> None:
 
 
 def cmd_stage(args) -> None:
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "adapter", "command", "config", "set")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "stage", "command", "config", "set")}
     layers = [read_yaml_mapping(args.config)] if args.config else []
-    run_adapter(args.adapter, stage_values(args.adapter, [*layers, given, parse_set(args.set)], args.command))
+    Command.of(args.stage, stage_values(args.stage, [*layers, given, parse_set(args.set)], args.command)).run()
 
 
 def read_yaml_mapping(path: str) -> dict:
@@ -315,21 +342,45 @@ def read_yaml_mapping(path: str) -> dict:
 
 
 def cmd_run(args) -> None:
-    """Each stage of the file runs like its subcommand, in order; a failing stage stops the pipeline."""
+    """Every stage's options, then the whole chain column by column, are checked before the first stage runs (a
+    stage reading the output of an earlier one that has not run yet is checked against the columns it will have);
+    then each stage runs like its subcommand, in order; a failing stage stops the pipeline."""
+    from ops.stage import config_dict
+    from pipelines import driver, sources
+
     spec = read_yaml_mapping(args.file)
-    stages = spec.get("stages")
-    if not isinstance(stages, list) or not stages:
+    entries = spec.get("stages")
+    if not isinstance(entries, list) or not entries:
         raise ValueError(f"{args.file}: expected `stages:` followed by a list of {{stage: name, option: value}}")
-    plan = []
-    for i, entry in enumerate(stages):  # every stage's options are checked before the first one runs
+    commands = []
+    for i, entry in enumerate(entries):
         options = dict(entry)
         name = options.pop("stage", None)
-        if name not in ADAPTERS:
-            raise ValueError(f"{args.file}: stage {i}: `stage` must be one of {sorted(ADAPTERS)}")
-        plan.append((name, stage_values(ADAPTERS[name], [options], name)))
-    for i, (name, values) in enumerate(plan):
-        print(f"run: stage {i + 1}/{len(plan)}: {name} {values['input']} -> {values['output']}")
-        run_adapter(ADAPTERS[name], values)
+        if name not in STAGES:
+            raise ValueError(f"{args.file}: stage {i}: `stage` must be one of {sorted(STAGES)}")
+        commands.append(Command.of(STAGES[name], stage_values(STAGES[name], [options], name)))
+    planned: dict[str, sources.Planned] = {}
+    for i, command in enumerate(commands):
+        single = command.inputs[0] if len(command.inputs) == 1 else None
+        source = planned[single] if single in planned and not sources.is_stage_output(single) else \
+            sources.source_for(command.stage, command.inputs)
+        try:
+            bound = driver.prepare(command.stage, source, command.photos)
+        except ValueError as exc:
+            raise ValueError(f"{args.file}: stage {i} ({command.stage.name}): {exc}") from None
+        upstream = {"stage": command.stage.name, "metadata": bound.plan.metadata,
+                    "config": config_dict(command.stage.config)}
+        planned[command.output] = sources.Planned(command.output, upstream, sources.predicted_columns(
+            source, bound.plan, bound.reader_plan))
+        if args.dry_run:
+            print(f"run: stage {i + 1}/{len(commands)}: {command.stage.name} {command.inputs} -> {command.output}: "
+                  f"inputs checked ({len(bound.plan.inputs or ())} columns), "
+                  f"{len(bound.plan.outputs)} columns added")
+    if args.dry_run:
+        return
+    for i, command in enumerate(commands):
+        print(f"run: stage {i + 1}/{len(commands)}: {command.stage.name} {command.inputs} -> {command.output}")
+        command.run()
 
 
 # ----- other commands ----------------------------------------------------------------------------------------------
@@ -393,7 +444,7 @@ def cmd_verify(args) -> int:
     """Read every file of an output whole; quarantine what is damaged (holding the output's lease)."""
     from pipelines import index
     from pipelines.lock import OutputLock
-    from pipelines.runtime import is_stage_output
+    from pipelines.sources import is_stage_output
 
     if not is_stage_output(args.output_dir):
         raise ValueError(f"{args.output_dir} is not a latentray stage output (no run.json)")
@@ -418,7 +469,7 @@ def cmd_compact(args) -> None:
     """Merge an output's small parts into parts of about --target-mb, atomically, and consolidate its index."""
     from pipelines import index, io
     from pipelines.lock import OutputLock
-    from pipelines.runtime import is_stage_output
+    from pipelines.sources import is_stage_output
 
     if not is_stage_output(args.output_dir):
         raise ValueError(f"{args.output_dir} is not a latentray stage output (no run.json)")

@@ -24,9 +24,8 @@ from ops.images import to_uint8
 from ops.ingest import IngestConfig
 from ops.invert import LOW_CONTRAST_F_WEIGHT, InvertConfig
 from ops.invert_stage import InvertStageConfig
-from pipelines import invert
+from pipelines.driver import RunOptions, run
 from pipelines.index import read_dataset
-from pipelines.runtime import RunOptions, run
 
 ENCODER = DEFAULT_GENERATOR_PATH.with_name("default_basecode_encoder_l16.pt")
 
@@ -96,7 +95,7 @@ def main(out: str = "out", steps: int = 300) -> None:
                                                 optimize_noise=False, f_weight=LOW_CONTRAST_F_WEIGHT))
     for name, align in (("faces", "ffhq"), ("synthetic", "none")):
         output = out_dir / name
-        stats = run(invert.ADAPTER, [str(inputs / name)], str(output), cfg, IngestConfig(alignment=AlignConfig(align)),
+        stats = run("invert", [str(inputs / name)], str(output), cfg, IngestConfig(alignment=AlignConfig(align)),
                     RunOptions(batch_size=4, overwrite=True))
         # (a rerun with the same configuration resumes: nothing left to do)
         report(output, stats)

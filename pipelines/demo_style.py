@@ -11,9 +11,8 @@ from models.companions import write_all
 from ops.destylize import DestylizeConfig, DestylizeStageConfig
 from ops.stylize import StylizeConfig
 from ops.translate import TranslateConfig
-from pipelines import destylize, stylize, translate
 from pipelines.demo import write_face_photos
-from pipelines.runtime import RunOptions, run
+from pipelines.driver import RunOptions, run
 
 
 def main(out: str = "out", steps: int = 100) -> None:
@@ -24,15 +23,15 @@ def main(out: str = "out", steps: int = 100) -> None:
     print("LPIPS: using a RANDOM AlexNet backbone (no ImageNet weights offline); companions are untrained.")
     cfg = DestylizeConfig(steps=steps, lpips_net="alex", lpips_backbone="random")
     runs = {  # FFHQ alignment (the default): the photo without a face becomes a failed row
-        "destylized": (destylize.ADAPTER, DestylizeStageConfig(models["finetuned"], models["encoder"],
-                                                               identity=models["identity"], destylize=cfg)),
-        "stylized": (stylize.ADAPTER, StylizeConfig(models["dualstylegan"], models["encoder"], models["exstyles"],
-                                                    styles=("0", "1", "2"))),
-        "translated": (translate.ADAPTER, TranslateConfig(models["cyclegan"])),
+        "destylized": ("destylize", DestylizeStageConfig(models["finetuned"], models["encoder"],
+                                                         identity=models["identity"], destylize=cfg)),
+        "stylized": ("stylize", StylizeConfig(models["dualstylegan"], models["encoder"], models["exstyles"],
+                                              styles=("0", "1", "2"))),
+        "translated": ("translate", TranslateConfig(models["cyclegan"])),
     }
-    for name, (adapter, config) in runs.items():
+    for name, (stage, config) in runs.items():
         output = root / name
-        stats = run(adapter, [str(photos)], str(output), config, options=RunOptions(overwrite=True))
+        stats = run(stage, [str(photos)], str(output), config, options=RunOptions(overwrite=True))
         print(f"  {name}: rows {stats['by_status']}, errors {stats.get('by_error') or 'none'} "
               f"({stats['seconds']:.0f} s); previews in {output / 'previews'}")
     print("For real work pass the official checkpoints: --finetuned/--encoder/--identity (destylize), "

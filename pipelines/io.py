@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from models.checkpoints import StorageError, read_bytes
 from ops.stage import objects
 from pipelines import faults
 
@@ -42,13 +43,6 @@ ATTEMPTS = 4  # a storage operation failing is tried this many times, backing of
 BACKOFF = 0.5
 CONCURRENCY = 16  # parallel reads of small files on object stores (each one request)
 NAMED_RE = re.compile(r"^(part|seg)-(\d+)-([0-9a-f]{24})\.parquet$")  # content-addressed parts, index segments
-# Pixels travel between stages (the input image, the photo's thumbnail, reconstructions for previews) but are not
-# part of a stage's stored rows; nor are columns starting with "_" (runtime bookkeeping).
-NOT_STORED = ("image", "original")
-
-
-class StorageError(OSError):
-    """Storage kept failing: the run stops and changes nothing it could not read."""
 
 
 class Damaged(ValueError):
@@ -97,8 +91,7 @@ def fetch(fs, path: str, size: int | None = None) -> bytes:
 
 
 def read_file(uri: str) -> bytes:
-    fs, path = url_to_fs(uri)
-    return fetch(fs, path)
+    return read_bytes(uri)
 
 
 def listing(fs, folder: str) -> dict[str, dict]:
@@ -256,15 +249,12 @@ def write_png(out_dir: str, name: str, image: np.ndarray) -> None:
     write_bytes(out_dir, name, encode_png(image))
 
 
-def is_stored(name: str) -> bool:
-    return name not in NOT_STORED and not name.startswith(("recon_", "_"))
-
-
-def to_table(batch: dict[str, np.ndarray], metadata: dict) -> pa.Table:
-    """Columns of a processed batch -> Arrow table; tensors become `arrow.fixed_shape_tensor`."""
+def to_table(batch: dict[str, np.ndarray], metadata: dict, drop=frozenset()) -> pa.Table:
+    """Columns of a processed batch but those in `drop` (pixels a plan declares not stored) and those starting
+    with "_" (runtime bookkeeping) -> Arrow table; tensors become `arrow.fixed_shape_tensor`."""
     arrays, names = [], []
     for name, values in batch.items():
-        if not is_stored(name):
+        if name in drop or name.startswith("_"):
             continue
         values = np.asarray(values)
         if values.ndim > 1:

@@ -1,4 +1,5 @@
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,70 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Ray workers started by the tests import stages defined in test modules (fault injection): they inherit this.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH"))
                                            if p)
+
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # for CLI subprocesses
+
+
+def no_align():
+    """Photo reader options for generator samples: no face to detect, centre crop."""
+    from ops.align import AlignConfig
+    from ops.ingest import IngestConfig
+
+    return IngestConfig(alignment=AlignConfig("none"))
+
+
+@pytest.fixture(scope="session")
+def G():
+    """The bundled 64-px generator (untrained, seeded)."""
+    from models.default_generator import load_default_generator
+
+    return load_default_generator()
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """Local Ray as every run starts it (tests calling stages through the runtime in-process)."""
+    from pipelines.runtime import init_ray
+
+    init_ray()
+
+
+def write_samples(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """n PNG samples of the bundled generator (z seeded) as 00.png, 01.png, ...; returns the names."""
+    from PIL import Image
+
+    from models.default_generator import load_default_generator
+    from ops.images import to_uint8
+
+    folder.mkdir(parents=True, exist_ok=True)
+    G = load_default_generator()
+    with torch.no_grad():
+        images = G.synthesis(G.mapping(torch.randn(n, G.style_dim, generator=torch.Generator().manual_seed(seed))))
+    names = [f"{i:02d}.png" for i in range(n)]
+    for name, a in zip(names, to_uint8(images)):
+        Image.fromarray(a).save(folder / name)
+    return names
+
+
+def stored_keys(out: Path) -> list[str]:
+    """Every key stored in an output's parts, in part order (duplicates would show)."""
+    import pyarrow.parquet as pq
+
+    keys = []
+    for part in sorted(out.glob("part-*.parquet")):
+        keys += pq.read_table(part, columns=["key"]).column("key").to_pylist()
+    return keys
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def reference_file(*parts: str) -> Path:

@@ -8,21 +8,18 @@ import pytest
 from ops.invert import InvertConfig
 from ops.invert_stage import InvertStageConfig
 from pipelines import cli
-from pipelines.cli import ADAPTERS, build_config, build_parser, command_options, main, stage_values
-from pipelines.runtime import RunOptions
+from pipelines.cli import STAGES, Command, build_parser, command_options, main, photos_config, stage_values
+from pipelines.driver import RunOptions
 
 
 def resolve(argv):
     """What `latentray <argv>` would run: (stage config, photos config, run options, values)."""
     args = build_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "adapter", "command", "config", "set")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "stage", "command", "config", "set")}
     layers = [cli.read_yaml_mapping(args.config)] if args.config else []
-    values = stage_values(args.adapter, [*layers, given, cli.parse_set(args.set)], args.command)
-    options = command_options(args.adapter)
-    stage = build_config(args.adapter.stage.Config, args.adapter.stage.Config(), options, values, "stage")
-    photos = build_config(args.adapter.photos_config, args.adapter.photos_config(), options, values, "photos") \
-        if args.adapter.photos_config else None
-    return stage, photos, build_config(RunOptions, RunOptions(), options, values, "run"), values
+    values = stage_values(args.stage, [*layers, given, cli.parse_set(args.set)], args.command)
+    command = Command.of(args.stage, values)
+    return command.stage.config, command.photos, command.options, values
 
 
 def test_every_config_field_is_an_option_of_its_command():
@@ -36,14 +33,14 @@ def test_every_config_field_is_an_option_of_its_command():
             elif f.metadata.get("cli", True):
                 yield f.name
 
-    for name, adapter in ADAPTERS.items():
-        options = {o.name: o for o in command_options(adapter)}
-        expected = set(leaves(adapter.stage.Config, adapter.stage.Config())) | set(leaves(RunOptions, RunOptions()))
-        if adapter.photos_config:
-            expected |= set(leaves(adapter.photos_config, adapter.photos_config()))
+    for name, stage in STAGES.items():
+        options = {o.name: o for o in command_options(stage)}
+        expected = set(leaves(stage.Config, stage.Config())) | set(leaves(RunOptions, RunOptions()))
+        if photos_config(stage):
+            expected |= set(leaves(photos_config(stage), photos_config(stage)()))
         assert set(options) == expected, name
         assert all(o.help for o in options.values()), [o.name for o in options.values() if not o.help]
-    invert = {o.name: o for o in command_options(ADAPTERS["invert"])}
+    invert = {o.name: o for o in command_options(STAGES["invert"])}
     assert {"lpips_weight", "f_weight", "pnorm_weight", "noise_weight", "align", "retry_failed"} <= set(invert)
     assert "space" not in invert  # set per space by the stage, not an option
     assert invert["optimize_noise"].default is False  # the stage's own default for the nested recipe
@@ -111,42 +108,42 @@ def test_cli_reports_option_errors_without_a_traceback(tmp_path, capsys):
 def test_model_stages_declare_gpus_and_scale_with_the_cluster(monkeypatch):
     """GPU actors declare one GPU each and scale from 1 to what the cluster has or its autoscaler can add (also
     when it has none yet: that demand is what makes it add GPU nodes); --device cpu gives CPU actors."""
-    from ops.invert_stage import InvertStage
+    from ops.stage import Plan, Resources
     from pipelines import runtime
 
-    stage = InvertStage()
+    plan = Plan(resources=Resources(num_cpus=1, num_gpus=1))  # what every model stage declares
     monkeypatch.setattr(runtime, "cpu_actor_threads", lambda actors: 7)
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0, 8))  # autoscaling cluster, no GPU node yet
-    args, device = runtime.actor_pool(stage, RunOptions())
+    args, device = runtime.actor_pool(plan)
     assert (args["compute"].min_size, args["compute"].max_size, args["num_gpus"], device) == (1, 8, 1, "auto")
     assert args["max_restarts"] == runtime.RETRIES
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (0, 0))  # no GPUs anywhere
-    args, device = runtime.actor_pool(stage, RunOptions())
+    args, device = runtime.actor_pool(plan)
     assert "num_gpus" not in args and device == "cpu" and args["compute"].max_size == 1 and args["num_cpus"] == 7
     assert args["compute"].enable_true_multi_threading  # calls on the actor's main thread (see runtime.pool)
-    args, device = runtime.actor_pool(stage, RunOptions(device="cuda", actors=3, resources={"pin": 1}))
+    args, device = runtime.actor_pool(plan, "cuda", actors=3, resources={"pin": 1})
     assert (args["num_gpus"], args["compute"].max_size, args["resources"], device) == (1, 3, {"pin": 1}, "auto")
     monkeypatch.setattr(runtime, "cluster_gpus", lambda: (2, 2))
-    assert "num_gpus" not in runtime.actor_pool(stage, RunOptions(device="cpu"))[0]
+    assert "num_gpus" not in runtime.actor_pool(plan, "cpu")[0]
 
 
 def test_a_local_output_is_refused_on_a_cluster_spanning_hosts(monkeypatch, tmp_path):
     import ray
 
-    from pipelines import runtime
+    from pipelines import driver, runtime
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"},
                                                {"Alive": True, "NodeManagerAddress": "10.0.0.2"}])
     monkeypatch.setattr(runtime, "can_add_nodes", lambda: False)
     with pytest.raises(ValueError, match="local path"):
-        runtime.check_output_location(str(tmp_path), RunOptions())
-    runtime.check_output_location("s3://bucket/out", RunOptions())
-    runtime.check_output_location(str(tmp_path), RunOptions(shared_output=True))
+        driver.check_output_location(str(tmp_path), RunOptions())
+    driver.check_output_location("s3://bucket/out", RunOptions())
+    driver.check_output_location(str(tmp_path), RunOptions(shared_output=True))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}] * 2)
-    runtime.check_output_location(str(tmp_path), RunOptions())  # several nodes, one host (one disk)
+    driver.check_output_location(str(tmp_path), RunOptions())  # several nodes, one host (one disk)
     monkeypatch.setattr(runtime, "can_add_nodes", lambda: True)  # an autoscaler may add hosts later
     with pytest.raises(ValueError, match="local path"):
-        runtime.check_output_location(str(tmp_path), RunOptions())
+        driver.check_output_location(str(tmp_path), RunOptions())
 
 
 def test_invert_recipe_fields_reach_the_engine():
@@ -174,3 +171,47 @@ def test_cpu_actors_share_the_cores_and_leave_a_cpu_for_the_tasks(monkeypatch):
     assert runtime.cpu_actor_threads(1) == 3  # never all the logical CPUs: the tasks need one
     monkeypatch.setattr(ray, "nodes", nodes(("a", 32), ("b", 8)))  # a cluster: the smallest node decides
     assert runtime.cpu_actor_threads(1) == 7 and runtime.cpu_actor_threads(2) == 3
+
+
+def test_a_pipeline_file_is_checked_column_by_column_before_any_stage_runs(tmp_path, capsys):
+    """`latentray run FILE` (and --dry-run) prepares every stage against what the earlier ones will write: a stage
+    reading a column the chain will not have is refused before the first stage runs, naming stage and column."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    pipeline = tmp_path / "p.yaml"
+    good = (f"stages:\n  - {{stage: ingest, input: {photos}, output: {tmp_path / 'a'}, align: none}}\n"
+            f"  - {{stage: invert, input: {tmp_path / 'a'}, output: {tmp_path / 'l'}}}\n"
+            f"  - {{stage: thumbnails, input: {tmp_path / 'a'}, output: {tmp_path / 't'}}}\n")
+    pipeline.write_text(good)
+    assert main(["run", str(pipeline), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("inputs checked") == 3 and not (tmp_path / "a").exists()
+    pipeline.write_text(good + f"  - {{stage: thumbnails, input: {tmp_path / 'l'}, output: {tmp_path / 'u'}, "
+                               "column: image_png}\n")
+    assert main(["run", str(pipeline)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 3 (thumbnails)" in err and "has no column `image_png`" in err
+    assert not (tmp_path / "a").exists()  # refused before the first stage ran
+    pipeline.write_text(good + f"  - {{stage: edit, input: {tmp_path / 'l'}, output: {tmp_path / 'e'}, "
+                               f"edits: {tmp_path / 'edits.yaml'}, space: fwplus}}\n")
+    (tmp_path / "edits.yaml").write_text("- {kind: mix, other: x.png, strengths: [4]}\n")
+    assert main(["run", str(pipeline), "--dry-run"]) == 2
+    assert "stage 3 (edit): the input holds spaces ['wplus'], not fwplus" in capsys.readouterr().err
+
+
+def test_an_input_missing_a_row_column_is_a_clear_error_not_a_failure_inside_ray(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from pipelines import io as storage
+    from conftest import write_samples
+
+    write_samples(tmp_path / "photos", 1)
+    up = tmp_path / "aligned"
+    assert main(["ingest", "--input", str(tmp_path / "photos"), "--output", str(up), "--align", "none"]) == 0
+    part = next(up.glob("part-*.parquet"))
+    table = pq.read_table(part)
+    part.unlink()
+    storage.write_named(str(up), "", 1, storage.table_bytes(table.drop_columns(["error_code"])))
+    capsys.readouterr()
+    assert main(["invert", "--input", str(up), "--output", str(tmp_path / "l")]) == 2
+    err = capsys.readouterr().err
+    assert f"invert: the input {up} has no `error_code` column" in err and "Traceback" not in err

@@ -8,12 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from models.default_generator import load_default_generator
 from models.stylegan2 import batch_invariance, is_batch_invariant
 from ops import metrics
 from ops.invert import InvertConfig, Inverter, invert
 from ops.regularizers import compute_p_space_stats, noise_regularizer, pnorm_penalty
-from ops.stage import Stage, largest_fitting_batch, objects
+from ops.stage import Column, Plan, Stage, largest_fitting_batch, objects
 
 FAST = dict(lpips_net="alex", lpips_backbone="random")
 
@@ -30,11 +29,6 @@ class ConvBatches(TorchFunctionMode):
         if func in (F.conv2d, F.conv_transpose2d) and (kwargs or {}).get("groups", 1) == 1:
             self.sizes.add(args[0].shape[0])
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(scope="module")
-def G():
-    return load_default_generator()
 
 
 def samples(G, n, seed):
@@ -130,14 +124,14 @@ def test_gpu_actors_probe_the_largest_batch_that_fits_and_run_in_chunks():
     class Doubler(Stage):
         name, calls = "doubler", []
 
-        def blank(self, n):
-            return {"y": np.full(n, np.nan)}
+        def prepare(self, context):
+            return Plan(outputs=(Column("y", "float64"),))
 
         def compute(self, batch):
             self.calls.append(len(batch["key"]))
             return {"y": 2.0 * batch["x"]}
 
-    stage = Doubler()
+    stage = Doubler().ready()
     stage.chunk = 3
     n = 7
     out = stage.process({"key": objects([str(i) for i in range(n)]), "status": objects(["ok"] * n),

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from models.default_generator import load_default_generator
 from ops.geometry import similarity_warp
 from ops.edit import (Edit, interpolate, latent_arithmetic, move_along_direction, shift_channel, style_mix,
                       transform_base_code)
-
-
-@pytest.fixture(scope="module")
-def G():
-    return load_default_generator()
 
 
 def wplus_pair(G, seed=0):

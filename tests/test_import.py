@@ -2,18 +2,11 @@
 downstream stages read like invert outputs, and that are checked against the generator before any row."""
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import read_parts, tensor
-from models.default_generator import load_default_generator
-from ops.render import render
+from ops.latents import render
 from pipelines.cli import main
-
-
-@pytest.fixture(scope="module")
-def G():
-    return load_default_generator()
 
 
 def mapped(G, n, seed):

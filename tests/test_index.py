@@ -11,7 +11,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from ops.stage import objects
-from pipelines import index, io, runtime
+from pipelines import driver, index, io
 from pipelines.lock import OutputLock
 
 FP = "fingerprint0"
@@ -25,7 +25,7 @@ def write(out: Path, lock: OutputLock, keys, status="ok", made_from="a", units=N
              "input_id": objects([f"{made_from}-{k}" for k in keys]), "value": np.full(n, value, np.float32)}
     if units is not None:
         batch["source_key"] = objects(units)
-    rows = runtime.write_batch(batch, str(out), {"fingerprint": FP, "stage": "test"}, (), lock.ticket,
+    rows = driver.write_batch(batch, str(out), {"fingerprint": FP, "stage": "test"}, (), lock.ticket,
                                "source_key" if units is not None else "key")
     return rows["part"][0]
 
@@ -120,7 +120,7 @@ def test_damaged_index_and_json_are_quarantined_and_the_parts_read_instead(tmp_p
     (out / "run.json").write_text(raw)
     state = index.load(str(out), repair=True)
     assert sorted(state.winners.column("key").to_pylist()) == ["a", "b"] and state.uncovered
-    assert runtime.read_own_json(str(out), "run.json", repair=True) is None
+    assert driver.read_own_json(str(out), "run.json", repair=True) is None
     assert sorted(p.name.split("-", 2)[2] for p in (out / "quarantine").iterdir()) == ["run.json", segment.name]
 
 
@@ -301,7 +301,7 @@ def test_a_fan_out_unit_is_done_only_when_whole_and_from_one_input(tmp_path):
         batch = {"key": objects(keys), "source_key": objects([unit] * n), "status": objects(["ok"] * n),
                  "error_code": objects([""] * n), "error": objects([""] * n),
                  "input_id": objects([f"{made_from}-{unit}"] * n)}
-        runtime.write_batch(batch, str(out), {"fingerprint": FP}, (), lock.ticket, "source_key")
+        driver.write_batch(batch, str(out), {"fingerprint": FP}, (), lock.ticket, "source_key")
 
     with OutputLock(str(out)) as lock:
         write_unit(lock, "u", "xy")  # one batch's output, split over two parts by Ray
@@ -312,5 +312,5 @@ def test_a_fan_out_unit_is_done_only_when_whole_and_from_one_input(tmp_path):
         write_unit(lock, "m", "xyz", made_from="new")  # m's input changed since, nothing redone yet
     state = index.load(str(out), fingerprint=FP)
     current = {"u": "photo-u", "v": "photo-v", "w": "new-w", "m": "newer-m"}
-    plan = runtime.plan_units(state, current, None, False, 3)
+    plan = driver.plan_units(state, current, None, False, 3)
     assert plan.done == {"u"} and plan.redo == {"v", "w"} and plan.changed == {"m"}

@@ -78,7 +78,7 @@ def test_a_failed_row_still_names_the_bytes_it_came_from(corpus, tmp_path):
     n = len(names)
     batch = {"key": objects(names), "uri": objects([str(tmp_path / k) for k in names]), "status": objects(["ok"] * n),
              "error_code": objects([""] * n), "error": objects([""] * n)}
-    out = IngestStage(IngestConfig(alignment=AlignConfig("none"))).process(batch)
+    out = IngestStage(IngestConfig(alignment=AlignConfig("none"))).ready().process(batch)
     assert {"ok", "failed"} <= set(out["status"])
     import hashlib
 

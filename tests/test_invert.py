@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.default_generator import load_default_generator
 from ops import metrics
 from ops.geometry import similarity_warp
 from ops.invert import SPACE_DEFAULTS, InvertConfig, invert, learning_rate
 
 FAST = dict(lpips_net="alex", lpips_backbone="random")
 QUALITY = dict(FAST, batch_invariant=False)  # quality checks take the faster batched path (test_device_path)
-
-
-@pytest.fixture(scope="module")
-def G():
-    return load_default_generator()
 
 
 def ground_truth(G, n, seed=0):

@@ -17,7 +17,7 @@ CFG = InvertStageConfig(spaces=("wplus", "fwplus"),
 @pytest.fixture(scope="module")
 def stage():
     st = InvertStage(CFG)
-    st.setup()
+    st.ready()
     return st
 
 
@@ -67,7 +67,7 @@ def test_mse_only_inversion_needs_no_lpips_backbone(tmp_path, monkeypatch):
     rows say `none`; the other metrics are real."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no ImageNet weights here: building LPIPS would refuse
     stage = InvertStage(InvertStageConfig(invert=InvertConfig(steps=3, lpips_weight=0, mse_weight=1)))
-    stage.setup("cpu")
+    stage.ready()
     out = stage.process(rows(2, failed=[1]))
     assert list(out["status"]) == ["ok", "failed"] and set(out["lpips_backbone"]) == {"none"}
     assert np.isnan(out["wplus_lpips"]).all() and np.isfinite(out["wplus_psnr"][0])

@@ -140,13 +140,12 @@ def test_channel_edits_can_take_the_std_of_a_channels_output(stages):
 def channels_stage(root, **config):
     """A ChannelsStage prepared on the latents output, as the runtime prepares it (no Ray)."""
     from ops.channels import ChannelsConfig, ChannelsStage
-    from pipelines.runtime import StageOutput
+    from pipelines.sources import StageOutput
 
     stage = ChannelsStage(ChannelsConfig(**config))
-    source = StageOutput(str(root / "latents"))
-    stage.prepare(source.context())
-    source.describe(stage)
-    return stage, source
+    plan = stage.prepare(StageOutput(str(root / "latents")).context())
+    stage.bind(plan)
+    return stage, plan
 
 
 def test_population_of_w_plus_latents_goes_through_the_generator(stages):
@@ -157,11 +156,13 @@ def test_population_of_w_plus_latents_goes_through_the_generator(stages):
     from pipelines.index import read_dataset
     from pipelines.io import columns_of
 
+    from ops.stage import Resources
+
     root, G = stages
-    stage, _ = channels_stage(root)
-    stage.column = "wplus"  # the dataset also holds S; take the W+ path on purpose
-    stage.uses_models = True
-    stage.setup("cpu")
+    stage, plan = channels_stage(root)
+    # the dataset also holds S; take the W+ path (through the generator) on purpose
+    stage.setup(dataclasses.replace(plan, prepared={**plan.prepared, "column": "wplus"},
+                                    resources=Resources(num_gpus=1)), "cpu")
     table = columns_of(read_dataset(str(root / "latents"), ["key", "status", "wplus"]))
     ok = table["status"] == "ok"
     with torch.no_grad():
@@ -252,7 +253,7 @@ def test_an_aggregate_is_recomputed_when_its_input_changed_and_only_then(tmp_pat
     no-op; its population equals a fresh computation."""
     import json
 
-    from test_faults import write_samples
+    from conftest import write_samples
 
     write_samples(tmp_path / "photos", 2)
     latents, channels = tmp_path / "latents", tmp_path / "channels"

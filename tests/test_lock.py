@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_parts
 from pipelines import io, lock
 from pipelines.cli import main
 from pipelines.lock import LeaseLost, OutputLock, OutputLocked, fence
-from test_faults import ENV, REPO, stored_keys, wait_for, write_samples
+from conftest import ENV, REPO, stored_keys, wait_for, write_samples
 
 FAST = ["--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random"]
 

@@ -11,7 +11,7 @@ from conftest import read_parts, tensor
 from models.default_generator import load_default_generator
 from ops import metrics
 from ops.invert import InvertConfig, invert
-from ops.render import render
+from ops.latents import render
 from pipelines.cli import main
 
 CFG = dict(space="wplus", steps=300, optimize_noise=False, lpips_net="alex", lpips_backbone="random",

@@ -1,4 +1,11 @@
-"""LPIPS wrapper against the lpips goldens, offline refusal, and the regularisers against independent references."""
+"""LPIPS wrapper against the lpips goldens, offline refusal, fetch-weights, and the regularisers against independent
+references."""
+
+import functools
+import hashlib
+import http.server
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -8,6 +15,7 @@ from conftest import load_cases
 from models.default_generator import load_default_generator
 from models.perceptual import Perceptual, PerceptualWeightsMissing, box_downsample
 from ops.regularizers import compute_p_space_stats, noise_regularizer, normalize_noise_, pnorm_penalty
+from pipelines.cli import main
 
 
 @pytest.mark.parametrize("net", ["vgg", "alex"])
@@ -82,3 +90,34 @@ def test_noise_regularizer_is_per_image_and_matches_numpy():
     for n in noises:
         assert torch.allclose(n.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-6)
         assert torch.allclose(n.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-5)
+
+
+# ----- fetch-weights -----------------------------------------------------------------------------------------------
+@pytest.fixture()
+def weight_server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_fetch_weights_downloads_checks_the_hash_and_fails_clearly_offline(weight_server, tmp_path, monkeypatch,
+                                                                           capsys):
+    served, url = weight_server
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = os.urandom(1000)
+    good = f"tiny-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    (served / good).write_bytes(data)
+    (served / "bad-00000000.pth").write_bytes(data)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    assert main(["fetch-weights", good, "--base-url", url]) == 0
+    assert (cache / good).read_bytes() == data
+    assert main(["fetch-weights", "bad-00000000.pth", "--base-url", url]) == 2  # hash prefix does not match
+    assert not (cache / "bad-00000000.pth").exists()
+    capsys.readouterr()
+    assert main(["fetch-weights", "vgg", "--base-url", "http://127.0.0.1:9/"]) == 2  # nothing listens: offline
+    err = capsys.readouterr().err
+    assert "vgg16-397923af.pth" in err and str(cache) in err

@@ -52,7 +52,7 @@ def test_invert_accounts_for_every_input_once_and_resumes(photo_dir, tmp_path, c
     assert b"latentray" in table.schema.metadata
     # the stored latents reproduce the stored metrics (rendered back with plain pyarrow columns)
     from ops import metrics
-    from ops.render import render
+    from ops.latents import render
 
     gen = [i for i, k in enumerate(keys) if k.startswith("gen/")]
     G = load_default_generator()

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from conftest import read_parts
 from pipelines import index
 from pipelines.cli import main
-from test_faults import write_samples
+from conftest import write_samples
 
 FAST = ["--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random", "--steps", "2"]
 

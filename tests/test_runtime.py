@@ -1,179 +1,139 @@
-"""The one runtime: keys that never collide silently, an output lock, transient failures retried by a rerun,
---retry-failed, atomic JSON, versioned outputs with their history, fetch-weights (damage, identity and the index:
-test_index.py, test_resume.py)."""
+"""Faults, each proven to have hit work in progress: a run killed with SIGKILL after writing resumes to the rows an
+uninterrupted run gives; a worker node removed while the model actors ran there (and only there) loses and
+duplicates nothing; a crashing actor fails the job in bounded time with the stage named; a GPU node that joins
+after the job started gets the model actors."""
 
-import functools
-import hashlib
-import http.server
-import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import read_parts, tensor
+from conftest import ENV, REPO, no_align, read_parts, stored_keys, tensor, wait_for, write_samples
 from ops.invert import InvertConfig
 from ops.invert_stage import InvertStage, InvertStageConfig
-from pipelines import invert, io
-from pipelines.cli import main
-from pipelines.runtime import Photos, RunOptions, run, run_stage
-from test_faults import ENV, NO_ALIGN, REPO, stored_keys, wait_for, write_samples
+from pipelines.driver import RunOptions, StageFailed, run
 
-CFG = InvertStageConfig(invert=InvertConfig(steps=2, lpips_net="alex", lpips_backbone="random", optimize_noise=False))
-FAST = ["--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random", "--steps", "2"]
-
-
-def statuses(out: Path) -> dict:
+FAST = ["--align", "none", "--lpips-net", "alex", "--lpips-backbone", "random", "--batch-size", "2"]
+def by_key(out: Path, column: str) -> dict:
     table = read_parts(out)
-    return dict(zip(table.column("key").to_pylist(), zip(table.column("status").to_pylist(),
-                                                       table.column("error_code").to_pylist())))
+    return dict(zip(table.column("key").to_pylist(), tensor(table, column)))
 
 
-# ----- keys --------------------------------------------------------------------------------------------------------
-def test_several_input_folders_keep_every_file_under_its_folder_name(tmp_path):
-    write_samples(tmp_path / "day1", 2)
-    write_samples(tmp_path / "day2", 2, seed=1)  # the same file names
+def test_sigkill_mid_run_resumes_to_what_an_uninterrupted_run_gives(tmp_path):
+    names = write_samples(tmp_path / "in", 10)
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    cmd = [sys.executable, "-m", "pipelines.cli", "invert", "--input", str(tmp_path / "in"), "--steps", "20", *FAST]
+    # A session of its own, so the kill takes the driver and the Ray processes it started, like a lost machine.
+    proc = subprocess.Popen([*cmd, "--output", str(out)], cwd=REPO, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, timeout=240), "no part written"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = stored_keys(out)
+    assert 0 < len(partial) < len(names)  # the kill hit a run that had written some rows, not all
+    # What a writer killed mid-write leaves behind: a temp file, and on object stores a truncated part.
+    (out / ".tmp-part-killed.parquet").write_bytes(b"PAR1 half")
+    first = sorted(out.glob("part-*.parquet"))[0]
+    (out / "part-truncated.parquet").write_bytes(first.read_bytes()[:100])
+    done = subprocess.run([*cmd, "--output", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(stored_keys(out)) == names  # each input exactly once
+    assert not list(out.glob(".tmp-*")) and len(list((out / "quarantine").glob("*-part-truncated.parquet"))) == 1
+    assert set(read_parts(out).column("status").to_pylist()) == {"ok"}
+    subprocess.run([*cmd, "--output", str(whole)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
+    resumed, uninterrupted = by_key(out, "wplus"), by_key(whole, "wplus")
+    for name in names:  # batch-invariant on CPU: bit for bit, whichever run and batch computed a row
+        assert np.array_equal(resumed[name], uninterrupted[name]), name
+
+
+@pytest.fixture()
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+NO_ALIGN = no_align()
+CFG = InvertStageConfig(invert=InvertConfig(steps=20, lpips_net="alex", lpips_backbone="random", optimize_noise=False))
+
+
+def test_removing_the_node_running_the_actors_keeps_every_row_exactly_once(cluster, tmp_path):
+    """The invert actors need a custom resource only the first worker has, so the parts written before it was
+    removed were computed there; its replacement (rows counted by node) did the rest; every row once, all ok."""
+    import ray
+
+    first = cluster.add_node(num_cpus=2, resources={"pin": 2})
+    cluster.wait_for_nodes()
+    names = write_samples(tmp_path / "in", 12, seed=1)
     out = tmp_path / "out"
-    assert main(["invert", "--input", str(tmp_path / "day1"), "--input", str(tmp_path / "day2"), "--output",
-                 str(out), *FAST]) == 0
-    assert sorted(stored_keys(out)) == ["day1/00.png", "day1/01.png", "day2/00.png", "day2/01.png"]
+    result = {}
+    options = RunOptions(batch_size=2, actors=2, resources={"pin": 1}, progress=False)
+    runner = threading.Thread(target=lambda: result.update(stats=run(
+        "invert", [str(tmp_path / "in")], out, CFG, NO_ALIGN, options)))
+    runner.start()
+    assert wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, timeout=240)
+    written_before = len(stored_keys(out))
+    cluster.remove_node(first)  # from the main thread (Ray needs it), while the job runs in the other one
+    second = cluster.add_node(num_cpus=2, resources={"pin": 2})
+    runner.join(timeout=600)
+    assert not runner.is_alive() and "stats" in result
+    assert 0 < written_before < len(names)
+    assert sorted(stored_keys(out)) == names
+    assert set(read_parts(out).column("status").to_pylist()) == {"ok"}
+    by_node = result["stats"]["rows_by_node"]
+    assert by_node.get(second.node_id, 0) > 0
+    assert set(by_node) <= {first.node_id, second.node_id}  # never on the head: it has no "pin"
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
 
 
-def test_two_inputs_with_one_key_are_refused_naming_both(tmp_path, capsys):
-    write_samples(tmp_path / "a" / "photos", 1)
-    write_samples(tmp_path / "b" / "photos", 1)
-    out = tmp_path / "out"
-    assert main(["invert", "--input", str(tmp_path / "a" / "photos"), "--input", str(tmp_path / "b" / "photos"),
-                 "--output", str(out), *FAST]) == 2
-    err = capsys.readouterr().err
-    assert str(tmp_path / "a" / "photos" / "00.png") in err and str(tmp_path / "b" / "photos" / "00.png") in err
-    assert not out.exists()  # refused before any row
-
-
-# ----- transient failures ------------------------------------------------------------------------------------------
-class OutOfMemoryOnce(InvertStage):
-    """Runs out of memory whenever a batch holds `01.png`, while the file `marker` exists (the first run)."""
-
-    marker = ""
+class Crasher(InvertStage):
+    name = "crasher"
 
     def compute(self, batch):
-        if "01.png" in list(batch["key"]) and os.path.exists(self.marker):
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().compute(batch)
+        os._exit(1)  # what a segfault or an OOM kill looks like to Ray
 
 
-def test_a_transient_failure_is_retried_by_the_rerun_and_nothing_else_is(tmp_path):
-    names = write_samples(tmp_path / "in", 4)
-    out, marker = tmp_path / "out", tmp_path / "first-run"
-    marker.touch()
-    stage = OutOfMemoryOnce(CFG)
-    stage.marker = str(marker)
+def test_a_crashing_actor_fails_the_job_in_bounded_time_naming_the_stage(cluster, tmp_path):
+    from pipelines import runtime
 
-    def once():
-        return run_stage(stage, Photos([str(tmp_path / "in")], prepare=lambda s: invert.ADAPTER.photos(s, NO_ALIGN)),
-                         str(out), RunOptions(batch_size=2, progress=False))
-
-    first = once()
-    # the batch [00, 01] ran out of memory; halved, 00 succeeded alone and 01 failed alone, transiently
-    assert statuses(out) == {"00.png": ("ok", ""), "01.png": ("failed", "out_of_memory"), "02.png": ("ok", ""),
-                             "03.png": ("ok", "")}
-    assert first["by_error"] == {"out_of_memory": 1}
-    before = {k: v for k, v in zip(stored_keys(out), tensor(read_parts(out), "wplus"))}
-    marker.unlink()
-    second = once()
-    assert (second["redone"], second["already_done"], second["rows_processed"]) == (1, 3, 1)
-    assert sorted(stored_keys(out)) == names and set(statuses(out).values()) == {("ok", "")}
-    after = {k: v for k, v in zip(stored_keys(out), tensor(read_parts(out), "wplus"))}
-    assert all(np.array_equal(before[k], after[k]) for k in ("00.png", "02.png", "03.png"))
-    assert once()["rows_processed"] == 0  # and a third run has nothing left to do
-
-
-def test_permanent_failures_are_redone_only_with_retry_failed(tmp_path):
+    cluster.add_node(num_cpus=2)
     write_samples(tmp_path / "in", 2)
-    (tmp_path / "in" / "late.png").write_bytes(b"still uploading")
-    out = tmp_path / "out"
-    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]) == 0
-    assert statuses(out)["late.png"] == ("failed", "decode_error")
-    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]) == 0
-    assert statuses(out)["late.png"] == ("failed", "decode_error")  # permanent: a plain rerun keeps it
-    assert json.loads((out / "stats.json").read_text())["rows_processed"] == 0
-    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST, "--retry-failed"]) == 0
-    assert json.loads((out / "stats.json").read_text())["redone"] == 1  # tried again (and failed again)
-    write_samples(tmp_path / "fixed", 1, seed=5)
-    (tmp_path / "fixed" / "00.png").replace(tmp_path / "in" / "late.png")  # the upload finished: a new input
-    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]) == 0
-    assert statuses(out)["late.png"] == ("ok", "") and len(stored_keys(out)) == 3
-    assert json.loads((out / "stats.json").read_text())["changed"] == 1
+    assert 0 < runtime.RETRIES < 10
+    stage = Crasher(CFG)
+    t0 = time.time()
+    with pytest.raises(StageFailed, match="stage crasher failed"):
+        run(stage, [str(tmp_path / "in")], str(tmp_path / "out"), photos_config=NO_ALIGN,
+            options=RunOptions(progress=False))
+    assert time.time() - t0 < 300
+    assert not list((tmp_path / "out").glob("part-*.parquet"))
 
 
-# ----- provenance --------------------------------------------------------------------------------------------------
-def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
-    io.write_json(str(tmp_path), "run.json", {"runs": [1]})
-
-    class Exploding(dict):
-        def items(self):
-            raise RuntimeError("killed while writing")
-
-    with pytest.raises(RuntimeError):
-        io.write_json(str(tmp_path), "run.json", {"runs": [1, 2], "x": Exploding(a=1)})
-    monkeypatch.setattr(io, "BACKOFF", 0.0)
-    monkeypatch.setattr(io.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("power cut")))
-    with pytest.raises(OSError):
-        io.write_json(str(tmp_path), "run.json", {"runs": [1, 2, 3]})
-    assert io.read_json(str(tmp_path), "run.json") == {"runs": [1]}
-
-
-def test_outputs_are_versioned_and_keep_their_history(tmp_path, capsys):
-    write_samples(tmp_path / "in", 1)
-    out = tmp_path / "out"
-    args = ["invert", "--input", str(tmp_path / "in"), "--output", str(out), *FAST]
-    assert main(args) == 0 and main(args) == 0
-    record = json.loads((out / "run.json").read_text())
-    assert record["schema_version"] == io.SCHEMA_VERSION and len(record["runs"]) == 2
-    assert all(r["code_version"].startswith("0.1.0") and "finished" in r for r in record["runs"])
-    # an output written by a latentray of another schema is never resumed into
-    record.update(schema_version=1, fingerprint="0123456789abcdef")
-    record.pop("checksum")  # as latentray wrote run.json before schema 3
-    (out / "run.json").write_text(json.dumps(record))
-    capsys.readouterr()
-    assert main(args) == 2
-    assert f"schema 1 (this latentray writes schema {io.SCHEMA_VERSION})" in capsys.readouterr().err
-    assert main([*args, "--overwrite"]) == 0
-    record = json.loads((out / "run.json").read_text())
-    assert record["runs"][0]["overwritten"]["schema_version"] == 1 and len(record["runs"]) == 2
-    assert stored_keys(out) == ["00.png"]
-
-
-# ----- fetch-weights -----------------------------------------------------------------------------------------------
-@pytest.fixture()
-def weight_server(tmp_path):
-    served = tmp_path / "served"
-    served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_fetch_weights_downloads_checks_the_hash_and_fails_clearly_offline(weight_server, tmp_path, monkeypatch,
-                                                                           capsys):
-    served, url = weight_server
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    data = os.urandom(1000)
-    good = f"tiny-{hashlib.sha256(data).hexdigest()[:8]}.pth"
-    (served / good).write_bytes(data)
-    (served / "bad-00000000.pth").write_bytes(data)
-    cache = tmp_path / "torch" / "hub" / "checkpoints"
-    assert main(["fetch-weights", good, "--base-url", url]) == 0
-    assert (cache / good).read_bytes() == data
-    assert main(["fetch-weights", "bad-00000000.pth", "--base-url", url]) == 2  # hash prefix does not match
-    assert not (cache / "bad-00000000.pth").exists()
-    capsys.readouterr()
-    assert main(["fetch-weights", "vgg", "--base-url", "http://127.0.0.1:9/"]) == 2  # nothing listens: offline
-    err = capsys.readouterr().err
-    assert "vgg16-397923af.pth" in err and str(cache) in err
+def test_a_gpu_node_joining_after_the_start_gets_the_model_actors(cluster, tmp_path):
+    """--device cuda on a cluster without GPUs: the actors wait for a GPU (what makes an autoscaler add one); a node
+    declaring num_gpus=1 joins later and runs them (torch stays on CPU there: no CUDA on this machine)."""
+    names = write_samples(tmp_path / "in", 4, seed=2)
+    out, result = tmp_path / "out", {}
+    runner = threading.Thread(target=lambda: result.update(stats=run(
+        "invert", [str(tmp_path / "in")], out, CFG, NO_ALIGN, RunOptions(device="cuda", progress=False))))
+    runner.start()
+    time.sleep(8)
+    assert runner.is_alive() and not list(out.glob("part-*.parquet"))  # nothing can run without a GPU yet
+    gpu = cluster.add_node(num_cpus=2, num_gpus=1)
+    runner.join(timeout=600)
+    assert not runner.is_alive() and sorted(stored_keys(out)) == names
+    assert result["stats"]["rows_by_node"] == {gpu.node_id: len(names)}

@@ -87,13 +87,10 @@ def test_stylized_faces_by_style(run):
 
 def test_a_batch_that_cannot_be_destylized_fails_its_rows_not_the_job(run):
     from ops.destylize import DestylizeConfig, DestylizeStage, DestylizeStageConfig
-    from ops.stage import Context
-
     root, models = run
     stage = DestylizeStage(DestylizeStageConfig(models["finetuned"], models["encoder"], destylize=DestylizeConfig(
         steps=1, lr=float("nan"), lpips_net="alex", lpips_backbone="random")))
-    stage.prepare(Context())
-    stage.setup("cpu")
+    stage.ready()
     image = np.zeros((2, 256, 256, 3), np.uint8)
     batch = {"key": np.array(["k", "gone"], dtype=object), "status": np.array(["ok", "failed"], dtype=object),
              "error_code": np.array(["", "read_error"], dtype=object), "error": np.array(["", "x"], dtype=object),

@@ -89,7 +89,7 @@ def image_pool(folder: Path, n: int = 12) -> list[bytes]:
     """Seeded sample images of the bundled generator (made once), plus one file that is not an image."""
     folder.mkdir(parents=True, exist_ok=True)
     if len(list(folder.glob("*.png"))) < n:
-        from test_faults import write_samples
+        from conftest import write_samples
 
         write_samples(folder, n, seed=123)
     return [p.read_bytes() for p in sorted(folder.glob("*.png"))][:n] + [b"this is not an image"]
