@@ -37,32 +37,38 @@ class StorageError(OSError):
     read."""
 
 
-READ_ATTEMPTS = 4  # a read failing for a storage reason is tried this many times, backing off 0.5, 1, 2 s
-READ_BACKOFF = 0.5
+ATTEMPTS = 4  # a storage operation failing is tried this many times, backing off 0.5, 1, 2 s
+BACKOFF = 0.5
 
 
-def read_bytes(path_or_uri: str, size: int | None = None) -> bytes:
-    """The one byte reader: a whole file by local path or fsspec URI (s3://... uses the usual AWS
-    environment/config), retried with backoff on any storage failure but a missing file; a read shorter than the
-    listed `size` is such a failure, never damage. Raises StorageError after READ_ATTEMPTS."""
+def retrying(action, what: str, attempts: int | None = None):
+    """Run a storage operation; any failure but a missing or existing file is retried with exponential backoff,
+    then raised as StorageError. Only storage operations go through here: parsing never does."""
     import time
 
-    import fsspec
-
-    for attempt in range(READ_ATTEMPTS):
+    attempts = attempts or ATTEMPTS
+    for attempt in range(attempts):
         try:
-            with fsspec.open(str(path_or_uri), "rb") as f:
-                data = f.read()
-            if size is not None and len(data) != size:
-                raise OSError(f"short read: {len(data)} of {size} bytes")
-            return data
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return action()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError):
             raise
         except Exception as exc:
-            if attempt == READ_ATTEMPTS - 1:
-                raise StorageError(f"reading {path_or_uri}: {type(exc).__name__}: {exc} (after {READ_ATTEMPTS} "
-                                   "attempts; nothing was changed, rerun when the storage answers)") from exc
-            time.sleep(READ_BACKOFF * 2**attempt)
+            if attempt == attempts - 1:
+                raise StorageError(f"{what}: {type(exc).__name__}: {exc} (after {attempts} attempts; nothing was "
+                                   "changed, rerun when the storage answers)") from exc
+            time.sleep(BACKOFF * 2**attempt)
+
+
+def read_bytes(path_or_uri: str) -> bytes:
+    """The one byte reader: a whole file by local path or fsspec URI (s3://... uses the usual AWS
+    environment/config), retried (see `retrying`)."""
+    import fsspec
+
+    def read():
+        with fsspec.open(str(path_or_uri), "rb") as f:
+            return f.read()
+
+    return retrying(read, f"reading {path_or_uri}")
 
 
 def sha256_hex(data: bytes) -> str:

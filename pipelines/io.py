@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from models.checkpoints import StorageError, read_bytes
+from models.checkpoints import StorageError, read_bytes, retrying  # noqa: F401  (io.StorageError: one class)
 from ops.stage import objects
 from pipelines import faults
 
@@ -39,8 +39,6 @@ from pipelines import faults
 # checksums, the output index, generation leases, checksummed JSON.
 SCHEMA_VERSION = 3
 QUARANTINE = "quarantine"
-ATTEMPTS = 4  # a storage operation failing is tried this many times, backing off 0.5, 1, 2 s
-BACKOFF = 0.5
 CONCURRENCY = 16  # parallel reads of small files on object stores (each one request)
 NAMED_RE = re.compile(r"^(part|seg)-(\d+)-([0-9a-f]{24})\.parquet$")  # content-addressed parts, index segments
 
@@ -55,22 +53,6 @@ def url_to_fs(out_dir: str):
 
 def is_local(out_dir: str) -> bool:
     return isinstance(url_to_fs(out_dir)[0], LocalFileSystem)
-
-
-def retrying(action, what: str, attempts: int = ATTEMPTS, backoff: float | None = None):
-    """Run `action`; any failure but a missing or existing file is retried with exponential backoff, then raised
-    as StorageError. Only storage operations go through here: parsing never does."""
-    backoff = BACKOFF if backoff is None else backoff
-    for attempt in range(attempts):
-        try:
-            return action()
-        except (FileNotFoundError, NotADirectoryError, FileExistsError):
-            raise
-        except Exception as exc:
-            if attempt == attempts - 1:
-                raise StorageError(f"{what}: {type(exc).__name__}: {exc} (after {attempts} attempts; nothing was "
-                                   "changed, rerun when the storage answers)") from exc
-            time.sleep(backoff * 2**attempt)
 
 
 def join(out_dir: str, name: str) -> tuple:

@@ -11,6 +11,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from ops.stage import objects
+from models import checkpoints
 from pipelines import driver, index, io
 from pipelines.lock import OutputLock
 
@@ -139,7 +140,7 @@ def test_storage_errors_are_retried_and_never_taken_for_damage(tmp_path, monkeyp
     with OutputLock(str(out)) as lock:
         write(out, lock, ["a"])
         write(out, lock, ["b"])
-    monkeypatch.setattr(io, "BACKOFF", 0.0)
+    monkeypatch.setattr(checkpoints, "BACKOFF", 0.0)
     real, calls = LocalFileSystem.cat_file, {"n": 0}
 
     def flaky(self, path, *a, **kw):  # a throttled store: two timeouts, then an answer

@@ -2,6 +2,7 @@
 
 import pytest
 
+from models import checkpoints
 from pipelines import io
 
 
@@ -14,7 +15,7 @@ def test_json_files_are_replaced_atomically(tmp_path, monkeypatch):
 
     with pytest.raises(RuntimeError):
         io.write_json(str(tmp_path), "run.json", {"runs": [1, 2], "x": Exploding(a=1)})
-    monkeypatch.setattr(io, "BACKOFF", 0.0)
+    monkeypatch.setattr(checkpoints, "BACKOFF", 0.0)
     monkeypatch.setattr(io.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("power cut")))
     with pytest.raises(OSError):
         io.write_json(str(tmp_path), "run.json", {"runs": [1, 2, 3]})
