@@ -199,7 +199,12 @@ def main(argv=None) -> None:
     write_section("Resume at scale (bench_resume.py)", f"""{machine_line()}; {args.runs} runs each, one session.
 Each command is a whole `latentray invert` process reading an ingest output into an invert output (Python start,
 imports and, for the rerun, `ray.init` included: ~6-8 s of fixed cost). Rows are synthetic and small (key, status,
-codes, identities, uri), so these figures are the bookkeeping of a resume per row and per file.
+codes, identities, uri), so these figures are the bookkeeping of a resume per row and per file. Before, a resume
+read the key columns of every part of the output and of its input one by one (on S3: at least one GET each); after,
+it reads the index (one LIST and one GET per segment, 16 at a time) plus the parts written since. The first rerun of
+an uncompacted output compacts it (parts of 16 rows into parts of 32 MB; a one-time cost), later reruns are those of
+the compacted rows. On S3 the "before" figures are measured at two sizes and extrapolated along the line through
+them (a 1M-row run would take hours).
 
 {table}
 """)
