@@ -69,6 +69,10 @@ class InvertStage(Stage):
             raise ValueError(f"the input was aligned at {upstream_size} px, below the generator's {G.size}; "
                              f"ingest it again with --size {G.size}")
         checkpoints = {"generator": G.generator_id}
+        if cfg.invert.lpips_weight != 0 and cfg.invert.lpips_backbone == "imagenet":  # refused here when missing
+            from models.perceptual import backbone_bytes
+
+            checkpoints["lpips_backbone"] = backbone_bytes(cfg.invert.lpips_net)[1]
         if cfg.basecode_encoder and "fwplus" in cfg.spaces:
             checkpoints["basecode_encoder"] = file_sha256(cfg.basecode_encoder)
         outputs = (*latents.columns(G, cfg.spaces, cfg.invert.base_level),

@@ -34,6 +34,73 @@ def test_missing_imagenet_backbone_is_refused_with_the_file_and_folder(tmp_path,
         Perceptual("vgg")
 
 
+def torchvision_file(folder, net: str, seed: int = 1):
+    """A torchvision-layout state dict of `net` (seeded random weights), saved under the name torchvision would give
+    it: `<name>-<sha256[:8]>.pth`. Returns (path, state)."""
+    import hashlib
+    import io as bytes_io
+
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = getattr(torchvision.models, {"alex": "alexnet", "vgg": "vgg16"}[net])(weights=None).state_dict()
+    buffer = bytes_io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path = folder / f"{net}-test-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    path.write_bytes(data)
+    return path, state
+
+
+def test_the_imagenet_backbone_is_read_with_weights_only_into_the_trunk(tmp_path, monkeypatch):
+    """Our own read of the torchvision file fills the LPIPS trunk layer for layer (torchvision's loader, which
+    unpickles with code execution allowed, is never used), and run.json gets the file's whole sha256."""
+    from models import perceptual
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    path, state = torchvision_file(folder, "alex")
+    monkeypatch.setitem(perceptual.BACKBONE_FILES, "alex", path.name)
+    p = Perceptual("alex", "imagenet")
+    trunk = p.lpips.net.state_dict()
+    assert len(trunk) == 10 and all(torch.equal(v, state[f"features.{k.split('.', 1)[1]}"]) for k, v in trunk.items())
+    assert p.backbone_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    random = Perceptual("alex", "random").lpips.net.state_dict()
+    assert not torch.equal(random["slice1.0.weight"], trunk["slice1.0.weight"])
+
+
+def test_an_armed_pickle_in_the_torch_hub_cache_is_refused_and_never_runs(tmp_path, monkeypatch):
+    """A file placed at the exact cache path (by hand, a shared cache, a hostile mirror) carrying code: refused with
+    a clear error by the hash in its name; and with a matching name, by weights_only. The payload never runs."""
+    import pickle
+
+    from models import perceptual
+    from models.checkpoints import CheckpointError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+
+    class Armed:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    armed = pickle.dumps({"features.0.weight": Armed()}, protocol=2)  # as torch.save writes them
+    (folder / perceptual.BACKBONE_FILES["vgg"]).write_bytes(armed)
+    with pytest.raises(CheckpointError, match=r"vgg16-397923af\.pth: its sha256 .* does not start with the hash"):
+        Perceptual("vgg", "imagenet")
+    named = folder / f"vgg16-{hashlib.sha256(armed).hexdigest()[:8]}.pth"  # a forged name: the hash matches
+    named.write_bytes(armed)
+    monkeypatch.setitem(perceptual.BACKBONE_FILES, "vgg", named.name)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        Perceptual("vgg", "imagenet")
+    assert not marker.exists()
+    pickle.loads(armed)  # control: the same bytes under a naive loader do run the payload
+    assert marker.exists()
+
+
 def test_box_downsample_is_a_block_mean():
     x = torch.randn(2, 3, 512, 512)
     y = box_downsample(x)
