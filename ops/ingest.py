@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from models.checkpoints import read_bytes
 from ops.align import AlignConfig, AlignError, align_image
 from ops.images import thumbnail
+from ops.redact import redact
 from ops.stage import Column, Context, Plan, Stage, image_column, objects
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -84,7 +85,7 @@ def list_input_files(inputs: list[str]) -> list[tuple[str, str, dict]]:
                 info = fs.info(root)
             except FileNotFoundError:  # a missing file is still one row (read_error), never dropped
                 info = {"size": -1}
-            add(spec, spec, info)
+            add(redact(spec), spec, info)  # the key is recorded: never with the URL's credentials
     return sorted((key, uri, info) for key, (uri, info) in found.items())
 
 

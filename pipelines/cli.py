@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ops.ingest import PHOTO_READERS
+from ops.redact import redact
 from ops.stage import registered
 from pipelines.driver import RunOptions
 
@@ -487,7 +488,31 @@ def cmd_fetch_weights(args) -> None:
         print(f"fetch-weights: {name} -> {fetch_weights(name, args.base_url)}")
 
 
+class Redacting:
+    """A text stream that masks credentials in everything written to it (our messages and the worker output Ray
+    forwards to the driver)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Redacting(sys.stdout), Redacting(sys.stderr)
+    try:
+        return run_command(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def run_command(argv: list[str] | None) -> int:
     from models.checkpoints import CheckpointError
     from pipelines.io import StorageError
     from pipelines.lock import LeaseLost, OutputLocked

@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from ops.ingest import PHOTO_READERS, photo_reader
+from ops.redact import redact, redact_all
 from ops.stage import DEFERRED_CODES, Plan, config_dict, is_transient, objects, registered
 from pipelines import faults, index, io, runtime, sources
 from pipelines.lock import LEASES, OutputLock, Ticket, fence
@@ -131,7 +132,7 @@ def code_version() -> str:
 
 def run_record(options: RunOptions, started: float, lease: int) -> dict:
     return {"code_version": code_version(), "versions": versions(), "host": socket.gethostname(), "pid": os.getpid(),
-            "argv": sys.argv, "options": dataclasses.asdict(options), "started": started, "lease": lease,
+            "argv": redact_all(sys.argv), "options": redact_all(dataclasses.asdict(options)), "started": started, "lease": lease,
             "acquired": time.time()}
 
 
@@ -250,6 +251,9 @@ def write_batch(batch: dict, output: str, metadata: dict, previews: tuple[str, .
     n = len(batch["key"])
     batch = dict(batch)
     batch["input_id"] = objects(batch["input_id"]) if "input_id" in batch else objects([""] * n)
+    for column in ("uri", "error"):  # recorded without credentials (the reader used the real uri)
+        if column in batch:
+            batch[column] = objects([redact(v) for v in batch[column]])
     batch["row_id"] = objects(index.row_ids(batch["key"], batch["input_id"], batch["status"], batch["error_code"],
                                             metadata["fingerprint"]))
     data = io.table_bytes(io.to_table(batch, {**metadata, "unit_column": unit_column}, drop))
@@ -258,7 +262,7 @@ def write_batch(batch: dict, output: str, metadata: dict, previews: tuple[str, .
     rows = np.flatnonzero(batch["status"] == "ok")[:4]
     columns = [batch[c] for c in previews if c in batch]
     if columns and rows.size and io.count_previews(output) < MAX_PREVIEWS:
-        io.write_png(output, f"previews/{io.stem(name)}.png", preview_grid(columns, rows))
+        io.write_preview(output, io.stem(name), preview_grid(columns, rows))
     return {"key": batch["key"], "unit": batch[unit_column], "status": batch["status"],
             "error_code": batch["error_code"], "input_id": batch["input_id"], "row_id": batch["row_id"],
             "part": objects([name] * n), "part_size": np.full(n, info["size"]),
@@ -337,13 +341,14 @@ def summary_previews(bound: Bound, output: str) -> None:
                                units[:SUMMARY_SOURCES], key_column=plan.unit_column, state=state)
     bound.stage.bind(plan)
     for name, image in bound.stage.summary_previews(io.columns_of(table)).items():
-        io.write_png(output, f"previews/{name}.png", image)
+        io.write_preview(output, name, image)
 
 
 # ----- the driver -----------------------------------------------------------------------------------------------------
 def run_stage(bound: Bound, output: str, options: RunOptions = RunOptions()) -> dict:
     """Run (or resume) one prepared stage into `output`; returns the stats written to `output/stats.json`."""
     t0 = time.time()
+    io.refuse_credentials(output, "--output")
     description = bound.description()
     fp = fingerprint(description)
     if options.dry_run:
@@ -353,15 +358,16 @@ def run_stage(bound: Bound, output: str, options: RunOptions = RunOptions()) -> 
     with OutputLock(output, wait=options.wait) as lock:
         runs = claim_output(output, description, fp, options.overwrite)
         read_own_json(output, "stats.json", repair=True)  # replaced at the end: damaged bytes go to quarantine
-        run = {**description, "fingerprint": fp, "inputs": bound.source.inputs, "metadata": bound.plan.metadata,
-               "runs": [*runs, run_record(options, t0, lock.gen)]}
+        run = redact_all({**description, "fingerprint": fp, "inputs": bound.source.inputs,
+                          "metadata": bound.plan.metadata, "runs": [*runs, run_record(options, t0, lock.gen)]})
         lock.check()
         io.write_json(output, "run.json", run)
         if bound.plan.kind == "aggregate":
             stats = run_aggregate(bound, output, fp, options, lock)
         else:
             stats = run_rows(bound, output, fp, options, lock)
-        stats = {"stage": bound.stage.name, "fingerprint": fp, **stats, "seconds": round(time.time() - t0, 3)}
+        stats = redact_all({"stage": bound.stage.name, "fingerprint": fp, **stats,
+                            "seconds": round(time.time() - t0, 3)})
         if "rows_processed" in stats:
             stats["rows_per_second"] = round(stats["rows_processed"] / max(stats["seconds"], 1e-9), 4)
         lock.check()
@@ -397,8 +403,8 @@ def run_rows(bound: Bound, output: str, fp: str, options: RunOptions, lock: Outp
         ds = runtime.write(ds, write_batch, {
             "output": output, "previews": plan.previews, "ticket": lock.ticket, "unit_column": plan.unit_column,
             "drop": bound.drop,
-            "metadata": {**plan.metadata, "stage": bound.stage.name, "fingerprint": fp,
-                         "schema_version": io.SCHEMA_VERSION}})
+            "metadata": redact_all({**plan.metadata, "stage": bound.stage.name, "fingerprint": fp,
+                                    "schema_version": io.SCHEMA_VERSION})})
         indexer = Indexer(output, lock, fp)
         counter = Counts(bound.stage.name, len(todo) * max(1, len(plan.variants)), options.progress, lock, indexer)
         runtime.drain(ds, counter, bound.stage.name)
@@ -448,7 +454,7 @@ def run_aggregate(bound: Bound, output: str, fp: str, options: RunOptions, lock:
         io.write_bytes(output, f"{name}.parquet", data)
         results[f"{name}.parquet"] = hashlib.sha256(data).hexdigest()
     for name, image in result.previews.items():
-        io.write_png(output, f"previews/{name}.png", image)
+        io.write_preview(output, name, image)
     return {"inputs": len(keys), **result.stats, "upstream_digest": upstream, "results": results,
             "already_done": False}
 
@@ -477,11 +483,11 @@ def dry_run(bound: Bound, output: str, fp: str, description: dict, options: RunO
     resume = plan_units(state, identities, allowed, options.retry_failed, max(1, len(bound.plan.variants))) \
         if resumable and bound.plan.kind == "rows" else Resume()
     lease = OutputLock(output).holder()
-    return {"dry_run": True, "stage": bound.stage.name, "fingerprint": fp, "config": description,
+    return redact_all({"dry_run": True, "stage": bound.stage.name, "fingerprint": fp, "config": description,
             "inputs": len(keys), "already_done": len(resume.done), "to_redo": len(resume.redo),
             "changed": len(resume.changed), "missing_inputs": len(resume.missing),
             "to_do": len(keys) - len(resume.done), "resumable": resumable,
-            "damaged": [p for p, _ in state.damaged], "locked_by": describe_lease(lease) if lease else None}
+            "damaged": [p for p, _ in state.damaged], "locked_by": describe_lease(lease) if lease else None})
 
 
 # ----- from Python --------------------------------------------------------------------------------------------------

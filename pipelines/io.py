@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from models.checkpoints import StorageError, read_bytes, retrying  # noqa: F401  (io.StorageError: one class)
+from ops.redact import redact
 from ops.stage import objects
 from pipelines import faults
 
@@ -53,6 +54,14 @@ def url_to_fs(out_dir: str):
 
 def is_local(out_dir: str) -> bool:
     return isinstance(url_to_fs(out_dir)[0], LocalFileSystem)
+
+
+def refuse_credentials(url: str, what: str) -> None:
+    """Object stores take credentials from the environment or their config, never from the URL (fsspec would
+    read `KEY:SECRET@bucket` as a bucket name and repeat it in every error): refused before first use."""
+    if "://" in url and not url.lower().startswith(("http://", "https://")) and redact(url) != url:
+        raise ValueError(f"{what} {redact(url)}: credentials in an object-store URL are not used; give them in the "
+                         "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or the store's config")
 
 
 def join(out_dir: str, name: str) -> tuple:
@@ -229,6 +238,25 @@ def write_png(out_dir: str, name: str, image: np.ndarray) -> None:
     from ops.images import encode_png
 
     write_bytes(out_dir, name, encode_png(image))
+
+
+def safe_name(text: str, limit: int = 80) -> str:
+    """A name taken from data (a key, an edit or exemplar name) made one harmless file name: letters, digits, `.`,
+    `_`, `-` only (anything else, separators included, becomes `_`), never starting with a dot (so never `.` or
+    `..`), at most `limit` characters; a name changed or shortened on the way ends in 8 hex digits of its sha256, so
+    two different names never share a file."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", str(text)).lstrip(".") or "_"
+    if clean == text and len(clean) <= limit:
+        return clean
+    tag = hashlib.sha256(str(text).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean[:limit - 9]}-{tag}"
+
+
+def write_preview(out_dir: str, name: str, image: np.ndarray) -> str:
+    """`previews/<safe name>.png`; returns the name written under the output."""
+    path = f"previews/{safe_name(name)}.png"
+    write_png(out_dir, path, image)
+    return path
 
 
 def to_table(batch: dict[str, np.ndarray], metadata: dict, drop=frozenset()) -> pa.Table:

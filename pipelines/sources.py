@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from ops.redact import redact
 from ops.stage import ROW_COLUMNS, Column, Context, Plan
 from pipelines import index, io
 
@@ -60,6 +61,11 @@ class Photos:
         self.files = [(k, u, int(info.get("size", -1)), io.version_of(info))
                       for k, u, info in list_input_files(self.inputs)]
 
+    @staticmethod
+    def identity(uri: str, size: int, version: str) -> str:
+        """Of the uri without credentials: a re-signed URL is the same input, and no secret is hashed."""
+        return index.digest(redact(uri), size, version)
+
     def context(self) -> Context:
         return context()
 
@@ -70,11 +76,11 @@ class Photos:
         return {}
 
     def identities(self) -> dict[str, str]:
-        return {k: index.digest(u, size, version) for k, u, size, version in self.files}
+        return {k: self.identity(u, size, version) for k, u, size, version in self.files}
 
     def items(self, todo: set[str], allowed: set[str] | None) -> list[dict]:
         return [{"key": k, "uri": u, "source_size": size, "source_version": version,
-                 "input_id": index.digest(u, size, version), **row_status(allowed is None or k in allowed)}
+                 "input_id": self.identity(u, size, version), **row_status(allowed is None or k in allowed)}
                 for k, u, size, version in self.files if k in todo]
 
     expand = None  # the items are the rows
@@ -227,6 +233,8 @@ class Planned:
 def source_for(stage, inputs: list[str]):
     """The source of a stage's rows: its own files, one stage output, or photos."""
     inputs = [str(i) for i in inputs]
+    for uri in inputs:
+        io.refuse_credentials(uri, "--input")
     if stage.reads_files:
         return Files(inputs, stage)
     if len(inputs) == 1 and not any(c in inputs[0] for c in "*?[") and is_stage_output(inputs[0]):

@@ -19,3 +19,12 @@ def test_cluster_yaml_matches_rays_schema_and_has_a_gpu_pool():
     assert config["docker"]["image"].startswith("rayproject/ray:" + ray.__version__)
     assert workers["resources"]["GPU"] >= 1  # the autoscaler must know a GPU actor fits a gpu_worker
     assert any(c.startswith("latentray fetch-weights") for c in config["setup_commands"])  # workers never download
+
+
+def test_the_head_serves_its_dashboard_and_job_api_on_localhost_only():
+    """No unauthenticated port open to the network: every `ray start --head` binds the dashboard to 127.0.0.1."""
+    import re
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    heads = [c for c in config["head_start_ray_commands"] if "ray start --head" in c]
+    assert heads and all(re.findall(r"--dashboard-host[= ](\S+)", c) == ["127.0.0.1"] for c in heads)
