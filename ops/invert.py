@@ -216,8 +216,7 @@ class Inverter:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast):
             seen = (img * mask, target * mask) if mask is not None else (img, target)
             loss = cfg.lpips_weight * self.perceptual(*seen).float() if cfg.lpips_weight else 0
-        with torch.autocast(self.device.type, enabled=False):
-            img = img.float()
+        with torch.autocast(self.device.type, enabled=False):  # every term below also casts its inputs to float32
             if cfg.mse_weight:
                 loss = loss + cfg.mse_weight * metrics.mse(img, target, mask)
             if cfg.optimize_noise and cfg.noise_weight:

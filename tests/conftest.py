@@ -6,7 +6,8 @@ import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference"
+REFERENCE = Path(os.environ.get("LATENTRAY_REFERENCE", SHARED / "reference"))
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")  # .ci/run sets it; so do CI services
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Ray workers started by the tests import stages defined in test modules (fault injection): they inherit this.
@@ -79,10 +80,14 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def reference_file(*parts: str) -> Path:
-    """A golden file under ../shared/reference; skip (with the reason) when that folder is absent."""
+    """A golden file under ../shared/reference. Without that folder: skipped on a developer's machine, a failure in
+    CI (where it ships beside the repo), so goldens can never go quietly untested."""
     path = REFERENCE.joinpath(*parts)
     if not REFERENCE.is_dir():
-        pytest.skip(f"golden reference folder {REFERENCE} is absent (it ships beside the repo in CI)")
+        message = f"golden reference folder {REFERENCE} is absent (it ships beside the repo in CI)"
+        if IN_CI:
+            pytest.fail(message + "; CI=true: a missing golden is a failure", pytrace=False)
+        pytest.skip(message)
     assert path.exists(), f"missing golden file {path}"
     return path
 

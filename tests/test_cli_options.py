@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 
+from conftest import ENV, REPO
 from ops.invert import InvertConfig
 from ops.invert_stage import InvertStageConfig
 from pipelines import cli
@@ -215,3 +216,19 @@ def test_an_input_missing_a_row_column_is_a_clear_error_not_a_failure_inside_ray
     assert main(["invert", "--input", str(up), "--output", str(tmp_path / "l")]) == 2
     err = capsys.readouterr().err
     assert f"invert: the input {up} has no `error_code` column" in err and "Traceback" not in err
+
+
+def test_a_missing_golden_folder_fails_in_ci_and_skips_elsewhere(tmp_path):
+    """Goldens never go quietly untested: without ../shared/reference, CI=true turns the skip into a failure."""
+    import subprocess
+    import sys
+
+    test = "tests/test_stylegan2_goldens.py::test_rosinality_mapping_and_mean_latent"
+    outcomes = {}
+    for ci in ("", "true"):
+        env = {**ENV, "CI": ci, "LATENTRAY_REFERENCE": str(tmp_path / "absent")}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", test], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        outcomes[ci] = (done.returncode, done.stdout)
+    assert outcomes[""][0] == 0 and "1 skipped" in outcomes[""][1]
+    assert outcomes["true"][0] == 1 and "CI=true: a missing golden is a failure" in outcomes["true"][1]
