@@ -261,6 +261,9 @@ def check_inputs(stage_name: str, plan: Plan, source) -> None:
         if upstream in found:
             found[mine] = Column(mine, found[upstream].dtype, found[upstream].shape)
     where = getattr(source, "path", "the input")
+    if not found:
+        raise ValueError(f"{stage_name}: the input {where} holds no rows yet (its run stopped before writing any, or "
+                         "it had no inputs); finish the stage that writes it first")
     for name in (*ROW_COLUMNS, "row_id"):
         if name not in found:
             raise ValueError(f"{stage_name}: the input {where} has no `{name}` column (not a latentray stage output "

@@ -232,3 +232,18 @@ def test_a_missing_golden_folder_fails_in_ci_and_skips_elsewhere(tmp_path):
         outcomes[ci] = (done.returncode, done.stdout)
     assert outcomes[""][0] == 0 and "1 skipped" in outcomes[""][1]
     assert outcomes["true"][0] == 1 and "CI=true: a missing golden is a failure" in outcomes["true"][1]
+
+
+def test_a_stage_over_an_output_with_no_rows_yet_is_refused_clearly(tmp_path, capsys):
+    """An upstream run killed before its first part (run.json, no part): refused naming the input, before any work
+    (found by the torture test, seed 16: it used to say the input had no `key` column)."""
+    from pipelines import io
+
+    from models.default_generator import load_default_generator
+
+    meta = {"generator": "", "generator_id": load_default_generator().generator_id, "spaces": ["wplus"],
+            "base_level": 16}
+    io.write_json(str(tmp_path / "lat"), "run.json", {"stage": "invert", "fingerprint": "0" * 16, "metadata": meta})
+    assert main(["channels", "--input", str(tmp_path / "lat"), "--output", str(tmp_path / "ch")]) == 2
+    err = capsys.readouterr().err
+    assert f"channels: the input {tmp_path / 'lat'} holds no rows yet" in err and not (tmp_path / "ch").exists()
