@@ -87,6 +87,15 @@ def dci(codes: np.ndarray, factors: np.ndarray, regressor: str = "lasso", alpha:
             "importance": importance, "per_code": per_code, "per_factor": per_factor, "r2": r2}
 
 
+def numeric(values: list, column: str, where: str) -> np.ndarray:
+    """A factor column as float64 (None -> NaN: such rows are left out), or an error naming the column and value."""
+    try:
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError):
+        bad = next(v for v in values if not isinstance(v, (int, float, type(None))))
+        raise ValueError(f"{where}: factor column `{column}` holds {bad!r}, a number is needed") from None
+
+
 # ----- the dci stage -------------------------------------------------------------------------------------------------
 SPACE_CODES = {"w": "w", "wplus": "wplus", "s": "styles"}
 
@@ -148,6 +157,7 @@ class DciStage(Aggregate):
         """(factor names, {key: values}, sha256 of the attributes file or "")."""
         import io
 
+        import pyarrow
         import pyarrow.csv
         import pyarrow.parquet as pq
 
@@ -156,8 +166,9 @@ class DciStage(Aggregate):
         cfg = self.config
         if cfg.attributes:
             data = context.read_bytes(cfg.attributes)
+            keys_as_text = pyarrow.csv.ConvertOptions(column_types={"key": pyarrow.string()})  # "000123" != 123
             table = pq.read_table(io.BytesIO(data)) if cfg.attributes.endswith(".parquet") else \
-                pyarrow.csv.read_csv(io.BytesIO(data))
+                pyarrow.csv.read_csv(io.BytesIO(data), convert_options=keys_as_text)
             columns = {name: table.column(name).to_pylist() for name in table.column_names}
             digest = sha256_hex(data)
         else:
@@ -173,7 +184,7 @@ class DciStage(Aggregate):
         missing = [n for n in names if n not in columns]
         if missing:
             raise ValueError(f"attribute columns {missing} not found (have {sorted(columns)})")
-        values = np.stack([np.asarray(columns[n], dtype=np.float64) for n in names], axis=1)
+        values = np.stack([numeric(columns[n], n, cfg.attributes or "the input") for n in names], axis=1)
         return names, {str(k): v for k, v in zip(columns["key"], values)}, digest
 
     def setup(self, plan: Plan, device: str = "cpu") -> None:
@@ -199,7 +210,7 @@ class DciStage(Aggregate):
             values = np.asarray(batch[column])[rows].astype(np.float32)
             if space == "s" and column == "wplus":
                 values = batch_styles(values, "wplus", self.G) if rows else values.reshape(0, -1)
-            codes[space] = values.reshape(len(rows), -1)
+            codes[space] = values.reshape(len(rows), int(np.prod(values.shape[1:])))  # a batch may match no row
         return {"keys": [keys[i] for i in rows], "codes": codes}
 
     def merge(self, a: dict, b: dict) -> dict:
@@ -211,7 +222,9 @@ class DciStage(Aggregate):
 
         cfg = self.config
         if not state or len(state["keys"]) < 8:
-            raise ValueError("dci needs at least 8 ok rows with finite factors")
+            raise ValueError(f"dci needs at least 8 ok rows whose key has finite factors, found "
+                             f"{len(state['keys']) if state else 0} (the attributes' `key` column must hold the "
+                             "input's keys)")
         order = np.argsort(state["keys"])  # the split must not depend on the order batches arrived in
         factors = np.stack([self.factors[state["keys"][i]] for i in order])
         result = Result(stats={"rows": len(order), "factors": self.factor_names})

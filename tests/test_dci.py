@@ -58,9 +58,9 @@ def test_scores_agree_with_an_independent_numpy_computation():
     assert disentanglement_completeness(np.ones((3, 3)))[:2] == (pytest.approx(0.0), pytest.approx(0.0))
 
 
-def test_the_dci_stage_scores_every_space_of_an_invert_output(tmp_path):
-    """An invert output's W+ and S against attributes the image determines (per-image mean brightness and
-    contrast); S comes from the stored column, one row per space; factors joined by key."""
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    """An invert output (W+ and S) of 16 generator samples, and the pictures' mean brightness and contrast."""
     import torch
     from PIL import Image
 
@@ -68,19 +68,56 @@ def test_the_dci_stage_scores_every_space_of_an_invert_output(tmp_path):
     from ops.images import to_uint8
     from pipelines.cli import main
 
+    root = tmp_path_factory.mktemp("dci")
     G = load_default_generator()
-    (tmp_path / "in").mkdir()
+    (root / "in").mkdir()
     with torch.no_grad():
-        images = to_uint8(G.synthesis(G.mapping(torch.randn(12, G.style_dim,
+        images = to_uint8(G.synthesis(G.mapping(torch.randn(16, G.style_dim,
                                                             generator=torch.Generator().manual_seed(9)))))
     rows = ["key,brightness,contrast"]
     for i, a in enumerate(images):
-        Image.fromarray(a).save(tmp_path / "in" / f"{i:02d}.png")
+        Image.fromarray(a).save(root / "in" / f"{i:02d}.png")
         rows.append(f"{i:02d}.png,{a.mean():.4f},{a.std():.4f}")
-    (tmp_path / "attributes.csv").write_text("\n".join(rows) + "\n")
-    assert main(["invert", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "latents"), "--spaces",
+    (root / "attributes.csv").write_text("\n".join(rows) + "\n")
+    assert main(["invert", "--input", str(root / "in"), "--output", str(root / "latents"), "--spaces",
                  "wplus,s", "--steps", "2", "--align", "none", "--lpips-net", "alex",
                  "--lpips-backbone", "random"]) == 0
+    return root, G
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """An import output of 40 W+ codes, each layer its own mapped w (so no two code axes are copies)."""
+    import torch
+
+    from models.default_generator import load_default_generator
+    from pipelines.cli import main
+
+    root = tmp_path_factory.mktemp("dci_imported")
+    G = load_default_generator()
+    with torch.no_grad():
+        z = torch.randn(40 * G.n_latent, G.style_dim, generator=torch.Generator().manual_seed(21))
+        torch.save(G.mapping(z).reshape(40, G.n_latent, G.style_dim).clone(), root / "latents.pt")
+    assert main(["import", "--input", str(root / "latents.pt"), "--output", str(root / "latents")]) == 0
+    return root, G
+
+
+def stored(root, column):
+    """key -> flattened stored value of `column`, from the latents output under `root`."""
+    from conftest import read_parts
+    from pipelines.io import tensor
+
+    table = read_parts(root / "latents")
+    values = tensor(table, column) if column in ("wplus", "styles") else np.asarray(table.column(column))
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1) for k, v in zip(table.column("key").to_pylist(), values)}
+
+
+def test_the_dci_stage_scores_every_space_of_an_invert_output(latents):
+    """An invert output's W+ and S against attributes the image determines (per-image mean brightness and
+    contrast); S comes from the stored column, one row per space; factors joined by key."""
+    from pipelines.cli import main
+
+    tmp_path, G = latents
     assert main(["dci", "--input", str(tmp_path / "latents"), "--output", str(tmp_path / "dci"), "--attributes",
                  str(tmp_path / "attributes.csv"), "--spaces", "wplus,s", "--alpha", "0.05"]) == 0
     table = pq.read_table(tmp_path / "dci" / "dci.parquet").to_pydict()
@@ -90,6 +127,58 @@ def test_the_dci_stage_scores_every_space_of_an_invert_output(tmp_path):
     assert set(importance) == {"dim", "brightness", "contrast"} and len(importance["dim"]) == G.n_styles
     assert (tmp_path / "dci" / "previews" / "dci_s.png").exists()
     stats = json.loads((tmp_path / "dci" / "stats.json").read_text())
-    assert stats["rows"] == 12 and stats["factors"] == ["brightness", "contrast"]
+    assert stats["rows"] == 16 and stats["factors"] == ["brightness", "contrast"]
     assert main(["dci", "--input", str(tmp_path / "latents"), "--output", str(tmp_path / "dci_w"),
                  "--attributes", str(tmp_path / "attributes.csv"), "--spaces", "w"]) == 2  # no w column stored
+
+
+@pytest.mark.parametrize("regressor", ["lasso", "gbt"])
+def test_a_planted_factor_is_found_on_its_axis_whatever_the_attribute_files_row_order(imported, regressor):
+    """A factor that is one W+ axis of each key's stored code (plus one pure-noise factor), written to the attribute
+    file in shuffled row order: the stage finds that axis as the factor's most important dimension and predicts it
+    (a join by row order instead of by key would not), and its scores equal `ops.dci.dci` on codes and factors
+    joined by key here, in sorted-key order."""
+    from ops.dci import dci
+    from pipelines.cli import main
+
+    root, G = imported
+    styles = stored(root, "wplus")
+    axis = 3 * G.style_dim + 7
+    rng = np.random.default_rng(5)
+    keys = list(styles)
+    rng.shuffle(keys)
+    noise = {k: rng.normal() for k in keys}
+    lines = ["key,planted,noise"] + [f"{k},{float(styles[k][axis])!r},{float(noise[k])!r}" for k in keys]
+    (root / f"planted_{regressor}.csv").write_text("\n".join(lines) + "\n")
+    out = root / f"dci_{regressor}"
+    assert main(["dci", "--input", str(root / "latents"), "--output", str(out), "--attributes",
+                 str(root / f"planted_{regressor}.csv"), "--spaces", "wplus", "--regressor", regressor]) == 0
+    importance = pq.read_table(out / "importance_wplus.parquet").to_pydict()
+    assert int(np.argmax(importance["planted"])) == axis
+    scores = pq.read_table(out / "dci.parquet").to_pydict()
+    ordered = sorted(styles)
+    expected = dci(np.stack([styles[k] for k in ordered]), np.array([[styles[k][axis], noise[k]] for k in ordered]),
+                   regressor=regressor, alpha=0.01)
+    assert expected["r2"][0] > 0.5  # the planted factor is predicted from the codes (the noise one is not)
+    for m in ("disentanglement", "completeness", "informativeness"):
+        assert scores[m][0] == pytest.approx(expected[m], rel=1e-6, abs=1e-9), m
+    np.testing.assert_allclose(importance["planted"], expected["importance"][:, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_factors_can_be_columns_of_the_input_itself(latents):
+    """`--attribute-columns` takes the factors from the input's own columns (here the stored W+ PSNR and MSE), with
+    no attribute file: the scores equal `ops.dci.dci` on the stored codes and those columns."""
+    from ops.dci import dci
+    from pipelines.cli import main
+
+    root, _ = latents
+    out = root / "dci_own"
+    assert main(["dci", "--input", str(root / "latents"), "--output", str(out), "--attribute-columns",
+                 "wplus_psnr,wplus_mse", "--spaces", "wplus"]) == 0
+    wplus, psnr, mse = stored(root, "wplus"), stored(root, "wplus_psnr"), stored(root, "wplus_mse")
+    ordered = sorted(wplus)
+    expected = dci(np.stack([wplus[k] for k in ordered]), np.array([[psnr[k][0], mse[k][0]] for k in ordered]))
+    scores = pq.read_table(out / "dci.parquet").to_pydict()
+    assert json.loads((out / "stats.json").read_text())["factors"] == ["wplus_psnr", "wplus_mse"]
+    for m in ("disentanglement", "completeness", "informativeness"):
+        assert scores[m][0] == pytest.approx(expected[m], rel=1e-6, abs=1e-9), m
