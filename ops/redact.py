@@ -17,7 +17,7 @@ SECRET_PARAMS = re.compile(r"(?i)([?&;](?:x-amz-(?:signature|credential|security
 # user-info: `user@` or `user:password@`, the password possibly holding unescaped `/` (AWS secrets do)
 USER_INFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)(?:[^/@\s:'\"]+:[^@\s'\"]*|[^/@\s'\"]+)@")
 SECRET_ENV = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE)")
-MIN_SECRET = 6  # shorter environment values ("1", "true") would mask ordinary words
+MIN_SECRET = 12  # shorter environment values ("true", a test's "torture") would mask ordinary words
 
 
 def env_secrets() -> list[str]:
@@ -26,10 +26,15 @@ def env_secrets() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact(text: str) -> str:
-    """`text` with every credential replaced by `***`."""
+def redact_url(text: str) -> str:
+    """`text` with the credentials written into URLs (user-info, signing parameters) replaced by `***`."""
     text = USER_INFO.sub(lambda m: f"{m.group(1)}{MASK}@", str(text))
-    text = SECRET_PARAMS.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    return SECRET_PARAMS.sub(lambda m: f"{m.group(1)}{MASK}", text)
+
+
+def redact(text: str) -> str:
+    """`text` with every credential replaced by `***`: those in URLs and the secret environment values."""
+    text = redact_url(text)
     for value in env_secrets():
         text = text.replace(value, MASK)
     return text

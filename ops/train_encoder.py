@@ -40,7 +40,9 @@ def training_batch(G, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch
         return wplus, G.synthesis(wplus)
 
 
-def train_basecode_encoder(G, cfg: EncoderTrainConfig, log_every: int = 0) -> BaseCodeEncoder:
+def train_basecode_encoder(G, cfg: EncoderTrainConfig, log_every: int = 0, history: list | None = None
+                           ) -> BaseCodeEncoder:
+    """Train on the generator's own (W+, image) pairs; each step's loss is appended to `history` when given."""
     from ops.invert import shared_perceptual
 
     with torch.random.fork_rng():
@@ -60,6 +62,8 @@ def train_basecode_encoder(G, cfg: EncoderTrainConfig, log_every: int = 0) -> Ba
         loss.backward()
         opt.step()
         sched.step()
+        if history is not None:
+            history.append(loss.item())
         if log_every and step % log_every == 0:
             print(f"step {step}: loss {loss.item():.4f}")
     return encoder.eval().requires_grad_(False)

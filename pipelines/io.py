@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from models.checkpoints import StorageError, read_bytes, retrying  # noqa: F401  (io.StorageError: one class)
-from ops.redact import redact
+from ops.redact import redact, redact_url
 from ops.stage import objects
 from pipelines import faults
 
@@ -59,7 +59,7 @@ def is_local(out_dir: str) -> bool:
 def refuse_credentials(url: str, what: str) -> None:
     """Object stores take credentials from the environment or their config, never from the URL (fsspec would
     read `KEY:SECRET@bucket` as a bucket name and repeat it in every error): refused before first use."""
-    if "://" in url and not url.lower().startswith(("http://", "https://")) and redact(url) != url:
+    if "://" in url and not url.lower().startswith(("http://", "https://")) and redact_url(url) != url:
         raise ValueError(f"{what} {redact(url)}: credentials in an object-store URL are not used; give them in the "
                          "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or the store's config")
 
