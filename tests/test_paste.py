@@ -59,8 +59,17 @@ def test_paste_stage_puts_edited_faces_back_into_their_photos(tmp_path):
     changed = np.any(pasted != original, axis=2)
     assert 0 < changed.mean() < 0.5  # only around the face
     ingest = read_parts(tmp_path / "aligned")
-    transform = ingest.column("align_transform").combine_chunks().to_numpy_ndarray()[
-        ingest.column("key").to_pylist().index("face.png")]
+    i = ingest.column("key").to_pylist().index("face.png")
+    transform = ingest.column("align_transform").combine_chunks().to_numpy_ndarray()[i]
+    # exactly the paste of this row's own crop, through its own transform and landmarks, with the default feather
+    # (paste_face itself is checked against the photo above): the stage joined the right photo, row and geometry
+    from ops.align import to_aligned_frame
+
+    crop = ingest.column("aligned").combine_chunks().to_numpy_ndarray()[i]
+    landmarks = ingest.column("landmarks").combine_chunks().to_numpy_ndarray()[i].astype(np.float64)
+    mask = face_mask(crop.shape[0], to_aligned_frame(landmarks, transform.astype(np.float64)), 0.08)
+    assert np.array_equal(pasted, paste_face(original, crop, transform.astype(np.float64), mask))
+    assert np.abs(pasted.astype(int) - original.astype(int))[changed].mean() < 6  # an unedited face: the photo
     cy, cx = np.argwhere(changed).mean(0)
     fx, fy = transform @ np.array([63.5, 63.5, 1.0])  # the crop's centre in the photo
     assert abs(cx - fx) < 25 and abs(cy - fy) < 40
