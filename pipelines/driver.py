@@ -132,7 +132,8 @@ def code_version() -> str:
 
 def run_record(options: RunOptions, started: float, lease: int) -> dict:
     return {"code_version": code_version(), "versions": versions(), "host": socket.gethostname(), "pid": os.getpid(),
-            "argv": redact_all(sys.argv), "options": redact_all(dataclasses.asdict(options)), "started": started, "lease": lease,
+            "argv": redact_all(sys.argv), "options": redact_all(dataclasses.asdict(options)), "started": started,
+            "lease": lease,
             "acquired": time.time()}
 
 
