@@ -181,7 +181,7 @@ def test_a_pipeline_file_is_checked_column_by_column_before_any_stage_runs(tmp_p
     photos.mkdir()
     pipeline = tmp_path / "p.yaml"
     good = (f"stages:\n  - {{stage: ingest, input: {photos}, output: {tmp_path / 'a'}, align: none}}\n"
-            f"  - {{stage: invert, input: {tmp_path / 'a'}, output: {tmp_path / 'l'}}}\n"
+            f"  - {{stage: invert, input: {tmp_path / 'a'}, output: {tmp_path / 'l'}, lpips-backbone: random}}\n"
             f"  - {{stage: thumbnails, input: {tmp_path / 'a'}, output: {tmp_path / 't'}}}\n")
     pipeline.write_text(good)
     assert main(["run", str(pipeline), "--dry-run"]) == 0
@@ -213,7 +213,7 @@ def test_an_input_missing_a_row_column_is_a_clear_error_not_a_failure_inside_ray
     part.unlink()
     storage.write_named(str(up), "", 1, storage.table_bytes(table.drop_columns(["error_code"])))
     capsys.readouterr()
-    assert main(["invert", "--input", str(up), "--output", str(tmp_path / "l")]) == 2
+    assert main(["invert", "--input", str(up), "--output", str(tmp_path / "l"), "--lpips-backbone", "random"]) == 2
     err = capsys.readouterr().err
     assert f"invert: the input {up} has no `error_code` column" in err and "Traceback" not in err
 
