@@ -17,8 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import machine_line, write_section  # noqa: E402
-from models.default_generator import (COARSE_NOISE_MAX_RESOLUTION, DEFAULT_GENERATOR_PATH,  # noqa: E402
-                                      load_default_generator)
+from models.default_generator import DEFAULT_GENERATOR_PATH, coarse_convs, load_default_generator  # noqa: E402
 from models.encoders import load_basecode_encoder  # noqa: E402
 from ops.geometry import similarity_warp  # noqa: E402
 from ops.invert import SPACE_DEFAULTS, InvertConfig, invert  # noqa: E402
@@ -49,9 +48,8 @@ def unanchored(G):
 
     H = copy.deepcopy(G)
     with torch.no_grad():
-        for i, conv in enumerate([H.conv1, *H.convs]):
-            if 2 ** ((i + 5) // 2) <= COARSE_NOISE_MAX_RESOLUTION:
-                conv.noise.weight.zero_()
+        for conv in coarse_convs(H):
+            conv.noise.weight.zero_()
     return H
 
 

@@ -54,10 +54,14 @@ def _perturb_constant_parameters(G: Generator, gen: torch.Generator) -> None:
             p.copy_(0.1 * noise)
 
 
+def coarse_convs(G: Generator) -> list:
+    """The StyledConvs at resolutions <= COARSE_NOISE_MAX_RESOLUTION (those whose noise anchors the layout)."""
+    return [conv for i, conv in enumerate([G.conv1, *G.convs]) if 2 ** ((i + 5) // 2) <= COARSE_NOISE_MAX_RESOLUTION]
+
+
 def _anchor_coarse_layout(G: Generator) -> None:
-    for i, conv in enumerate([G.conv1, *G.convs]):
-        if 2 ** ((i + 5) // 2) <= COARSE_NOISE_MAX_RESOLUTION:
-            conv.noise.weight.fill_(COARSE_NOISE_STRENGTH)
+    for conv in coarse_convs(G):
+        conv.noise.weight.fill_(COARSE_NOISE_STRENGTH)
 
 
 def _scale_output(G: Generator, n: int, seed: int) -> float:
