@@ -135,3 +135,27 @@ def heat_map(matrix: np.ndarray, row_labels: list[str], col_labels: list[str], c
             draw.rectangle([left + j * col_width, top + i * cell, left + (j + 1) * col_width - 2,
                             top + (i + 1) * cell - 1], fill=colour)
     return np.asarray(im)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 85) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def row_strips(columns: list[np.ndarray], ok: np.ndarray, tile: int = 96) -> list[bytes]:
+    """Per row, its preview columns side by side (e.g. original | aligned | reconstruction per space), each fitted
+    into `tile` pixels, as JPEG bytes; b"" for rows not `ok` (their pixels are blanks)."""
+    size = min(tile, *(c.shape[1] for c in columns))
+    out = []
+    for r in range(len(ok)):
+        if not ok[r]:
+            out.append(b"")
+            continue
+        tiles = [c[r] if c.shape[1:3] == (size, size) else thumbnail(c[r], size) for c in columns]
+        out.append(encode_jpeg(make_grid(np.stack(tiles), ncols=len(tiles), pad=1)))
+    return out

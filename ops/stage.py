@@ -147,13 +147,14 @@ class Plan:
 
 @dataclass
 class Context:
-    """What the driver gives `prepare`: the input's run.json and column schema (None for photos) and readers, so
+    """What the driver gives `prepare`: the input's run.json and column schema (None for photos until their reader
+    is known) and readers, so
     that ops/ never touches storage itself. The readers of outputs (`read_input`, `read_table`, `read_output`) are
     None when the outputs may not exist yet (a pipeline file checked before its first stage ran): stages then skip
     what needs them."""
 
     upstream: dict | None = None
-    columns: dict[str, Column] | None = None  # the input's stored columns, when it is a stage output
+    columns: dict[str, Column] | None = None  # the input's columns: a stage output's, or those its photo reader makes
     read_input: Callable[[list[str] | None, list[str]], dict] | None = None  # (keys or None = all, columns)
     read_bytes: Callable[[str], bytes] | None = None  # a small file (edits list, key list, direction) by URI
     read_table: Callable[[str, list[str]], dict] | None = None  # a result table of another output by URI

@@ -10,7 +10,6 @@ Each run writes Parquet parts, run.json, stats.json and previews (original | ali
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from ops.images import to_uint8
 from ops.ingest import IngestConfig
 from ops.invert import LOW_CONTRAST_F_WEIGHT, InvertConfig
 from ops.invert_stage import InvertStageConfig
+from pipelines.cli import native_stderr_to_log, summary_line
 from pipelines.driver import RunOptions, run
 from pipelines.index import read_dataset
 
@@ -67,9 +67,8 @@ def write_synthetic(folder: Path, n: int = 4) -> None:
 
 
 def report(output: Path, stats: dict) -> None:
-    table = read_dataset(str(output), ["key", "status", "error_code", "wplus_psnr", "fwplus_psnr"])
+    table = read_dataset(str(output), ["key", "status", "wplus_psnr", "fwplus_psnr"])
     keys, status = table.column("key").to_pylist(), table.column("status").to_pylist()
-    codes = [c for c in table.column("error_code").to_pylist() if c]
     groups = sorted({k.split("/")[0] if "/" in k else "photos" for k in keys})
     for group in groups:
         rows = [i for i, k in enumerate(keys) if (k.split("/")[0] if "/" in k else "photos") == group
@@ -77,9 +76,8 @@ def report(output: Path, stats: dict) -> None:
         if rows:
             w = np.mean(table.column("wplus_psnr").to_numpy()[rows])
             f = np.mean(table.column("fwplus_psnr").to_numpy()[rows])
-            print(f"  {output.name}/{group}: {len(rows)} ok, PSNR W+ {w:.2f} dB, F/W+ {f:.2f} dB")
-    print(f"  rows {dict(Counter(status))}, errors {dict(Counter(codes)) or 'none'} ({stats['seconds']:.0f} s); "
-          f"previews in {output / 'previews'}")
+            print(f"  {output.name}/{group}: {len(rows)} ok, mean PSNR W+ {w:.2f} dB, F/W+ {f:.2f} dB")
+    print(f"{output.name}: {summary_line(stats)} in {stats['seconds']:.0f} s")
 
 
 def main(out: str = "out", steps: int = 300) -> None:
@@ -93,16 +91,22 @@ def main(out: str = "out", steps: int = 300) -> None:
     cfg = InvertStageConfig(spaces=("wplus", "fwplus"), basecode_encoder=str(ENCODER),
                             invert=InvertConfig(steps=steps, lpips_net="alex", lpips_backbone="random",
                                                 optimize_noise=False, f_weight=LOW_CONTRAST_F_WEIGHT))
+    pages = []
     for name, align in (("faces", "ffhq"), ("synthetic", "none")):
         output = out_dir / name
         stats = run("invert", [str(inputs / name)], str(output), cfg, IngestConfig(alignment=AlignConfig(align)),
                     RunOptions(batch_size=4, overwrite=True))
         # (a rerun with the same configuration resumes: nothing left to do)
         report(output, stats)
+        pages.append(stats.get("report"))
     print("The bundled generator is a small untrained StyleGAN2 (random textures, NOT a face model): the faces run\n"
           "shows alignment and the pipeline, not face inversion quality. For real work:\n"
           "  latentray invert --input photos/ --output out/latents --generator stylegan2-ffhq-config-f.pt")
+    print("Open the reports (one self-contained page each; no network needed):")
+    for page in pages:
+        print(f"  {Path(page).resolve() if page else 'not written (see the warning above)'}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    with native_stderr_to_log():  # Ray's native log lines to a file, as the CLI does
+        main(*sys.argv[1:2])

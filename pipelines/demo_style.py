@@ -11,6 +11,7 @@ from models.companions import write_all
 from ops.destylize import DestylizeConfig, DestylizeStageConfig
 from ops.stylize import StylizeConfig
 from ops.translate import TranslateConfig
+from pipelines.cli import native_stderr_to_log, summary_line
 from pipelines.demo import write_face_photos
 from pipelines.driver import RunOptions, run
 
@@ -32,11 +33,11 @@ def main(out: str = "out", steps: int = 100) -> None:
     for name, (stage, config) in runs.items():
         output = root / name
         stats = run(stage, [str(photos)], str(output), config, options=RunOptions(overwrite=True))
-        print(f"  {name}: rows {stats['by_status']}, errors {stats.get('by_error') or 'none'} "
-              f"({stats['seconds']:.0f} s); previews in {output / 'previews'}")
+        print(f"{name}: {summary_line(stats)} in {stats['seconds']:.0f} s — report: {stats.get('report')}")
     print("For real work pass the official checkpoints: --finetuned/--encoder/--identity (destylize), "
           "--dualstylegan/--exstyles (stylize), --translator (translate).")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    with native_stderr_to_log():  # Ray's native log lines to a file, as the CLI does
+        main(*sys.argv[1:2])

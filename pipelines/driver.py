@@ -28,7 +28,7 @@ import numpy as np
 from ops.ingest import PHOTO_READERS, photo_reader
 from ops.redact import redact, redact_all
 from ops.stage import DEFERRED_CODES, Plan, config_dict, is_transient, objects, registered
-from pipelines import faults, index, io, runtime, sources
+from pipelines import faults, index, io, report, runtime, sources
 from pipelines.lock import LEASES, OutputLock, Ticket, fence
 from pipelines.lock import describe as describe_lease
 
@@ -85,13 +85,15 @@ def prepare(stage, source, photos_config=None) -> Bound:
     """Prepare a stage on its source; refuse, before any row, inputs that lack a column it reads."""
     context = source.context()
     plan = stage.prepare(context)
+    reader = reader_plan = None
+    if isinstance(source, sources.Photos) and stage.photos not in (None, "self"):
+        reader = photo_reader(stage.photos, plan.image_size, photos_config)
+        reader_plan = reader.prepare(context)
+        # the stage then sees the columns its reader makes (e.g. `mask` under --masks), as from a stage output
+        plan = stage.prepare(dataclasses.replace(context, columns={c.name: c for c in reader_plan.outputs}))
     sources.check_inputs(stage.name, plan, source)
     source.bind(plan)
-    bound = Bound(stage, plan, source)
-    if isinstance(source, sources.Photos) and stage.photos not in (None, "self"):
-        bound.reader = photo_reader(stage.photos, plan.image_size, photos_config)
-        bound.reader_plan = bound.reader.prepare(context)
-    return bound
+    return Bound(stage, plan, source, reader, reader_plan)
 
 
 def fingerprint(description: dict) -> str:
@@ -221,24 +223,45 @@ def plan_units(state: index.State, identities: dict[str, str], allowed: set[str]
 
 
 class Progress:
-    """One status line on stderr, at most every few seconds: rows done / to do, rate, ETA."""
+    """Progress of one stage on stderr: on a terminal a bar rewritten in place (rows, rate, ETA); in a log a plain
+    line at most every `log_every` seconds, and the last one."""
 
-    def __init__(self, stage: str, total: int, enabled: bool = True, every: float = 5.0):
-        self.stage, self.total, self.enabled, self.every = stage, total, enabled, every
+    def __init__(self, stage: str, total: int, enabled: bool = True, log_every: float = 30.0, width: int = 24):
+        self.stage, self.total, self.enabled, self.width = stage, total, enabled, width
+        self.tty = enabled and sys.stderr.isatty()
+        self.every = 0.5 if self.tty else log_every
         self.done, self.t0, self.last = 0, time.time(), 0.0
+
+    def line(self, now: float) -> str:
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = f"ETA {clock((self.total - self.done) / rate)}" if rate > 0 and self.done < self.total else \
+            f"in {clock(now - self.t0)}"
+        figures = f"{self.done}/{self.total} rows, {rate:.2f} rows/s, {eta}"
+        if not self.tty:
+            return f"{self.stage}: {figures}"
+        filled = int(self.width * self.done / max(self.total, 1))
+        return f"{self.stage} [{'#' * filled}{'.' * (self.width - filled)}] {figures}"
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.time()
         if self.enabled and (now - self.last >= self.every or self.done == self.total):
             self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            line = f"{self.stage}: {self.done}/{self.total} rows, {rate:.2f} rows/s, ETA {eta:.0f} s"
-            if sys.stderr.isatty():  # one line rewritten in place; logs get one line per update
-                print(f"\r{line}", end="\n" if self.done == self.total else "", file=sys.stderr, flush=True)
+            if self.tty:
+                end = "\n" if self.done == self.total else ""
+                print(f"\r\x1b[2K{self.line(now)}", end=end, file=sys.stderr, flush=True)
             else:
-                print(line, file=sys.stderr, flush=True)
+                print(self.line(now), file=sys.stderr, flush=True)
+
+
+def clock(seconds: float) -> str:
+    """12 s, 4 min 05 s, 2 h 03 min."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 # ----- writing ------------------------------------------------------------------------------------------------------
@@ -247,29 +270,42 @@ def write_batch(batch: dict, output: str, metadata: dict, previews: tuple[str, .
     """Final task of a row stage: one atomic, content-addressed part per batch (after checking this run still holds
     the output), plus a preview grid (ok rows x `previews` columns) for the first parts of a run. Returns the index
     entries of its rows and what the driver counts."""
-    from ops.images import preview_grid
+    from ops.images import preview_grid, row_strips
 
     n = len(batch["key"])
     batch = dict(batch)
+    shown = [c for c in previews if c in batch]
+    columns = [batch[c] for c in shown]
+    ok = batch["status"] == "ok"
+    if columns:  # what the report's galleries show of each row
+        batch[report.ROW_PREVIEW] = objects(row_strips(columns, ok))
     batch["input_id"] = objects(batch["input_id"]) if "input_id" in batch else objects([""] * n)
     for column in ("uri", "error"):  # recorded without credentials (the reader used the real uri)
         if column in batch:
             batch[column] = objects([redact(v) for v in batch[column]])
     batch["row_id"] = objects(index.row_ids(batch["key"], batch["input_id"], batch["status"], batch["error_code"],
                                             metadata["fingerprint"]))
-    data = io.table_bytes(io.to_table(batch, {**metadata, "unit_column": unit_column}, drop))
+    data = io.table_bytes(io.to_table(batch, {**metadata, "unit_column": unit_column, "row_preview_columns": shown},
+                                      drop))
     fence(ticket)
     name, info = io.write_named(output, "", ticket.gen, data)
-    rows = np.flatnonzero(batch["status"] == "ok")[:4]
-    columns = [batch[c] for c in previews if c in batch]
+    rows = np.flatnonzero(ok)[:4]
     if columns and rows.size and io.count_previews(output) < MAX_PREVIEWS:
-        io.write_preview(output, io.stem(name), preview_grid(columns, rows))
+        io.write_preview(output, preview_name(metadata.get("stage", ""), shown, batch["key"][rows]),
+                         preview_grid(columns, rows))
     return {"key": batch["key"], "unit": batch[unit_column], "status": batch["status"],
             "error_code": batch["error_code"], "input_id": batch["input_id"], "row_id": batch["row_id"],
             "part": objects([name] * n), "part_size": np.full(n, info["size"]),
             "part_version": objects([info["version"]] * n), "part_rows": np.full(n, n),
             "node": batch.get("_node", objects([""] * n)), "rss_mb": batch.get("_rss_mb", np.zeros(n)),
             "gpu_mb": batch.get("_gpu_mb", np.zeros(n))}
+
+
+def preview_name(stage: str, columns: list[str], keys) -> str:
+    """What a preview grid shows, for people: stage, spaces (or columns), its first and last keys."""
+    shown = "-".join(c.removeprefix("recon_") for c in columns if c not in ("original", "image")) or "-".join(columns)
+    span = str(keys[0]) if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
+    return f"{stage}_{shown}_{span}"
 
 
 class Indexer:
@@ -376,7 +412,20 @@ def run_stage(bound: Bound, output: str, options: RunOptions = RunOptions()) -> 
         run["runs"][-1]["finished"] = time.time()
         lock.check()
         io.write_json(output, "run.json", run)
+        lock.check()
+        stats["report"] = write_report(output)
     return stats
+
+
+def write_report(output: str) -> str | None:
+    """The output's report.html; a report that cannot be made is said, never the run's failure (its rows are
+    written)."""
+    try:
+        return report.write(output)
+    except Exception as exc:  # noqa: BLE001 (the data is safe; the page is a view of it)
+        print(f"latentray: warning: report.html of {redact(output)} not written: {type(exc).__name__}: "
+              f"{redact(str(exc))}; try `latentray report {redact(output)}`", file=sys.stderr)
+        return None
 
 
 def inputs_dataset(bound: Bound, todo: set[str], allowed: set[str] | None, options: RunOptions):

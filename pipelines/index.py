@@ -21,6 +21,7 @@ import hashlib
 import posixpath
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -346,6 +347,58 @@ def read_planned(out_dir: str, part: str, keep: list | None, size: int | None, c
     if keep is not None:
         table = table.filter(pc.is_in(table.column("key"), pa.array(keep, pa.string())))
     return table.select(columns) if columns is not None else table
+
+
+def read_columns(out_dir: str, part: str, keep: list | None, columns: list[str]) -> pa.Table:
+    """Only `columns` of a part's winning rows (`keep`: their keys, None: all), by ranged reads with page checksums
+    verified (the whole-part checksum needs every byte, so it is not checked): what a report of a large output
+    reads."""
+    import pyarrow.parquet as pq
+
+    fs, path = io.join(out_dir, part)
+    wanted = list(dict.fromkeys(["key", *columns])) if keep is not None else columns
+
+    try:
+        if io.is_local(out_dir):  # Arrow's own file reader (no Python object for its threads to release)
+            table = pq.read_table(path, columns=wanted, page_checksum_verification=True)
+        else:  # a Python file object: read on this thread only (see io.arrow_owned)
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=wanted, page_checksum_verification=True, use_threads=False,
+                                      pre_buffer=False)
+    except FileNotFoundError:
+        raise
+    except Exception:  # storage or damage: the whole file, fetched (retried) then parsed, tells which
+        table = read_part(out_dir, part, None, wanted)
+    if keep is not None:
+        table = table.filter(pc.is_in(table.column("key"), pa.array(keep, pa.string())))
+    return table.select(columns)
+
+
+def read_rows(out_dir: str, part: str, keys: list, columns: list[str]) -> pa.Table:
+    """`key` and `columns` of a few rows of a part, reading only the row groups that hold them (found from the key
+    column); page checksums verified."""
+    import pyarrow.parquet as pq
+
+    where = read_columns(out_dir, part, None, ["key"]).column("key")
+    rows = np.flatnonzero(pc.is_in(where, pa.array(sorted(set(keys)), pa.string())).to_numpy(zero_copy_only=False))
+    fs, path = io.join(out_dir, part)
+    wanted = list(dict.fromkeys(["key", *columns]))
+    chosen = pa.array(sorted(set(keys)), pa.string())
+    try:
+        with fs.open(path, "rb") as f:
+            reader = pq.ParquetFile(f, page_checksum_verification=True, pre_buffer=False)
+            starts = np.cumsum([0] + [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)])
+            tables = []
+            for group in sorted(set(np.searchsorted(starts, rows, side="right") - 1)):  # one group in memory
+                table = reader.read_row_group(int(group), columns=wanted, use_threads=False)
+                tables.append(table.filter(pc.is_in(table.column("key"), chosen)))
+    except FileNotFoundError:
+        raise
+    except Exception:  # storage or damage: the whole part, fetched (retried) then parsed, tells which
+        table = read_part(out_dir, part, None, wanted)
+        return table.filter(pc.is_in(table.column("key"), chosen))
+    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], reader.schema_arrow.field(c).type)
+                                                             for c in wanted})
 
 
 def read_dataset(out_dir: str, columns: list[str] | None = None, keys=None, key_column: str = "key",

@@ -5,8 +5,10 @@ dataset on the driver. The driver (pipelines/driver.py) decides what runs; this 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import tempfile
 import warnings
 
 import numpy as np
@@ -36,24 +38,45 @@ def init_ray() -> None:
     # after importing ray, whose own filter would otherwise come first (see TASK_RETRIES)
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **quiet)
         else:
             try:
-                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                         object_store_memory=512 * 1024**2)
+                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                         object_store_memory=512 * 1024**2, **quiet)
             except ValueError as exc:  # a cluster started with `ray start` on this machine: join it as it is
                 if "existing cluster" not in str(exc):
                     raise
-                ray.init(log_to_driver=False)
+                ray.init(**quiet)
+    route_ray_logs()
     ctx = ray.data.DataContext.get_current()
     ctx.arrow_fixed_shape_tensor_format = FixedShapeTensorFormat.ARROW_NATIVE
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = NO_PROGRESS_TIMEOUT
     ctx.raise_original_map_exception = True  # a task's LeaseLost / StorageError / Damaged keeps its class
+
+
+def driver_log_path() -> str:
+    """Where this process's Ray log lines go instead of the terminal (the CLI sends Ray's native stderr there too)."""
+    return os.path.join(tempfile.gettempdir(), "latentray-logs", f"driver-{os.getpid()}.log")
+
+
+def route_ray_logs() -> None:
+    """Ray's Python log lines leave the terminal: Ray Data's go only to its own file in the session logs (it writes
+    them there anyway), the rest of Ray's to `driver_log_path()`."""
+    os.makedirs(os.path.dirname(driver_log_path()), exist_ok=True)
+    for name in ("ray", "ray.data"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+    ray_logger = logging.getLogger("ray")
+    if not any(isinstance(h, logging.FileHandler) for h in ray_logger.handlers):
+        ray_logger.addHandler(logging.FileHandler(driver_log_path()))
 
 
 def cluster_gpus() -> tuple[int, int]:

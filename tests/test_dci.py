@@ -128,6 +128,8 @@ def test_the_dci_stage_scores_every_space_of_an_invert_output(latents):
     assert (tmp_path / "dci" / "previews" / "dci_s.png").exists()
     stats = json.loads((tmp_path / "dci" / "stats.json").read_text())
     assert stats["rows"] == 16 and stats["factors"] == ["brightness", "contrast"]
+    page = (tmp_path / "dci" / "report.html").read_text()  # the scores and the importance matrix, on its page
+    assert "<h2>dci.parquet</h2>" in page and "previews/dci_s.png" in page and f'data-v="{table["dims"][1]}"' in page
     assert main(["dci", "--input", str(tmp_path / "latents"), "--output", str(tmp_path / "dci_w"),
                  "--attributes", str(tmp_path / "attributes.csv"), "--spaces", "w"]) == 2  # no w column stored
 

@@ -79,3 +79,17 @@ def test_masks_beside_the_photos_reach_the_inversion(tmp_path):
     assert float(metrics.psnr(recon, target, known)) == pytest.approx(table.column("wplus_psnr")[i].as_py(),
                                                                       abs=1e-3)
     assert float(metrics.psnr(recon, target)) != pytest.approx(table.column("wplus_psnr")[i].as_py(), abs=1e-3)
+    # the row's preview shows what the inversion saw: the hole grey, the known pixels as given (JPEG-close)
+    import pyarrow.parquet as pq
+
+    from ops.images import decode_png
+    from pipelines.io import table_metadata
+
+    part = next(out.glob("part-*.parquet"))
+    assert table_metadata(pq.read_schema(part))["row_preview_columns"] == ["original", "image", "masked",
+                                                                            "recon_wplus"]
+    strip = decode_png(table.column("row_preview")[i].as_py()).astype(float)
+    tile = strip[1:65, 1 + 2 * 65:1 + 2 * 65 + 64]  # the third tile
+    hole = mask == 0
+    assert abs(tile[hole].mean() - 128) < 3 and tile[hole].std() < 4
+    assert np.abs(tile[~hole] - images[0][~hole]).mean() < 6
