@@ -144,24 +144,31 @@ class GradualStyleBlock(nn.Module):
 class StyleEncoder(nn.Module):
     """pSp (`delta_rows=False`) or e4e (`delta_rows=True`) encoder: images [B,3,H,W] in [-1,1] -> W+ [B,n_styles,D].
 
-    Images are resized to 256 (bilinear, antialiased when shrinking). `latent_avg` ([n_styles, D] or [D]) is added
-    when the checkpoint was trained with start_from_latent_avg, so the output is a usable W+ latent.
+    Images are resized to `input_size` (bilinear, antialiased when shrinking): 256 in the official releases; encoders
+    latentray trains for generators below 256 px read them at their own size (16x fewer operations at 64 px).
+    `latent_avg` ([n_styles, D] or [D]) is added when the checkpoint was trained with start_from_latent_avg, so the
+    output is a usable W+ latent.
     """
 
     kind = "wplus"
 
     def __init__(self, widths: list[int], style_dim: int, n_styles: int, delta_rows: bool = False,
-                 latent_avg: torch.Tensor | None = None):
+                 latent_avg: torch.Tensor | None = None, input_size: int = 256):
         super().__init__()
+        if input_size < 64 or input_size & (input_size - 1):
+            raise ValueError(f"encoder input size must be a power of two >= 64, got {input_size}")
+        self.input_size, self.widths, self.style_dim = input_size, list(widths), style_dim
         self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
                                          nn.PReLU(widths[0]))
         self.body = irse_body(widths, widths[0])
-        self.styles = nn.ModuleList(
-            GradualStyleBlock(widths[3], style_dim, 16 if i < 3 else 32 if i < 7 else 64) for i in range(n_styles))
+        # the style blocks read the body's 1/16 (coarse rows), 1/8 (middle) and 1/4 (fine) feature maps
+        spatial = [input_size // (16 if i < 3 else 8 if i < 7 else 4) for i in range(n_styles)]
+        self.styles = nn.ModuleList(GradualStyleBlock(widths[3], style_dim, s) for s in spatial)
         self.latlayer1 = nn.Conv2d(widths[2], widths[3], 1)
         self.latlayer2 = nn.Conv2d(widths[1], widths[3], 1)
         self.delta_rows, self.n_styles = delta_rows, n_styles
         self.register_buffer("latent_avg", None if latent_avg is None else latent_avg.float(), persistent=False)
+        self.generator_id: str | None = None
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c3, p2, p1): the coarse tap and the two pyramid levels the style blocks read."""
@@ -189,11 +196,13 @@ class StyleEncoder(nn.Module):
             w[:, i] = w[:, i] + self.styles[i](source[i])
         return w
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != 256:
-            images = F.interpolate(images, size=(256, 256), mode="bilinear", align_corners=False,
-                                   antialias=images.shape[-1] > 256)
-        codes = self.raw_codes(images)
+    def forward(self, images: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+        """W+ of `images`; e4e's `stage` (progressive training) limits the delta rows added to row 0."""
+        size = self.input_size
+        if images.shape[-1] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=images.shape[-1] > size)
+        codes = self.raw_codes(images, stage)
         return codes if self.latent_avg is None else codes + self.latent_avg
 
 
@@ -217,9 +226,25 @@ def load_style_encoder(path: str) -> StyleEncoder:
     n_styles = len({k.split(".")[1] for k in sd if k.startswith("styles.")})
     style_dim = sd["styles.0.linear.weight"].shape[0]
     latent_avg = obj.get("latent_avg") if opts.get("start_from_latent_avg", False) else None
-    encoder = StyleEncoder(widths, style_dim, n_styles, delta_rows=kind == "Encoder4Editing", latent_avg=latent_avg)
+    encoder = StyleEncoder(widths, style_dim, n_styles, delta_rows=kind == "Encoder4Editing", latent_avg=latent_avg,
+                           input_size=int(opts.get("input_size", 256)))
     try:
         encoder.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: encoder weights do not fit a {kind}: {exc}") from None
+    encoder.generator_id = opts.get("generator_id")  # set by encoders latentray trained
     return encoder.eval().requires_grad_(False)
+
+
+def save_style_encoder(encoder: StyleEncoder, path, generator_id: str | None = None, extra: dict | None = None) -> None:
+    """Write `encoder` in the official pSp/e4e layout (`state_dict` with `encoder.*` keys, `opts`, `latent_avg`),
+    so load_style_encoder and the official loaders' key layout both read it; `opts` also records the input size
+    and the generator it was trained for."""
+    opts = {"encoder_type": "Encoder4Editing" if encoder.delta_rows else "GradualStyleEncoder",
+            "start_from_latent_avg": encoder.latent_avg is not None, "input_size": encoder.input_size,
+            "n_styles": encoder.n_styles, "generator_id": generator_id, **(extra or {})}
+    state = {f"encoder.{k}": v.detach().cpu() for k, v in encoder.state_dict().items()}
+    obj = {"state_dict": state, "opts": opts}
+    if encoder.latent_avg is not None:
+        obj["latent_avg"] = encoder.latent_avg.detach().cpu()
+    torch.save(obj, path)

@@ -51,7 +51,8 @@ SPACE_DEFAULTS = {
 LOW_CONTRAST_F_WEIGHT = 0.001
 CHANNELS_LAST_FROM = 256  # generator size from which NHWC activations are the default (BENCHMARKS.md: device path)
 
-# "Hybrid" inversion (spec/stylespace.md §6): an encoder's W+ refined by 100-300 projector steps.
+# "Hybrid" inversion (spec/stylespace.md §6): an encoder's W+ refined by 100-300 projector steps (for w, wplus and
+# s; `steps` set explicitly wins, 0 keeps the encoder's answer).
 HYBRID_STEPS = 200
 
 
@@ -143,13 +144,16 @@ def w_statistics(G, n: int, seed: int = 0) -> tuple[torch.Tensor, float]:
 class Inverter:
     """Holds what every batch needs (perceptual net, statistics) so a worker pays for it once.
 
-    `run(images [B,3,H,W] in [-1,1], keys [B]) -> dict` (see `invert`). `encoder`, optional, is a module with
-    `kind` "wplus" (pSp/e4e: images -> W+) or "base_code" (BDInvert: images -> F) used as the starting point.
+    `run(images [B,3,H,W] in [-1,1], keys [B]) -> dict` (see `invert`). `encoder`, optional, is a module (or a
+    list of them) with `kind` "wplus" (pSp/e4e: images -> W+) or "base_code" (BDInvert: images -> F) used as the
+    starting point; fwplus takes both (W+ from the one, F from the other, else G.base_code of the start W+).
     """
 
     def __init__(self, G, config: InvertConfig, encoder=None, perceptual=None, identity=None):
-        self.G, self.encoder, self.identity = G, encoder, identity
-        self.cfg = config.resolved(encoder_start=encoder is not None and encoder.kind == "wplus")
+        self.G, self.identity = G, identity
+        encoders = {e.kind: e for e in (encoder if isinstance(encoder, (list, tuple)) else [encoder]) if e is not None}
+        self.wplus_encoder, self.base_encoder = encoders.get("wplus"), encoders.get("base_code")
+        self.cfg = config.resolved(encoder_start=self.wplus_encoder is not None)
         self.device = G.device
         self.use_autocast = self.device.type == "cuda" if self.cfg.autocast is None else self.cfg.autocast
         synthesis = {"w": G.synthesis, "wplus": G.synthesis, "s": G.synthesis_from_styles,
@@ -167,18 +171,19 @@ class Inverter:
                                                          self.cfg.cache_dir).to(self.device)
         if self.cfg.space == "fwplus":
             G._check_level(self.cfg.base_level)
-        if encoder is not None and encoder.kind != ("base_code" if self.cfg.space == "fwplus" else "wplus"):
-            raise ValueError(f"a {encoder.kind} encoder cannot start a {self.cfg.space} inversion")
-        if encoder is not None and encoder.kind == "base_code" and encoder.level != self.cfg.base_level:
-            raise ValueError(f"the base-code encoder outputs level {encoder.level}, config asks {self.cfg.base_level}")
+        if self.base_encoder is not None and self.cfg.space != "fwplus":
+            raise ValueError(f"a base_code encoder cannot start a {self.cfg.space} inversion")
+        if self.base_encoder is not None and self.base_encoder.level != self.cfg.base_level:
+            raise ValueError(f"the base-code encoder outputs level {self.base_encoder.level}, config asks "
+                             f"{self.cfg.base_level}")
 
     # ----- variables ---------------------------------------------------------------------------------------------
     def _initial_variables(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         G, cfg, b = self.G, self.cfg, images.shape[0]
         with torch.no_grad():
             start = self.w_avg.reshape(1, 1, -1).expand(b, G.n_latent, -1)
-            if self.encoder is not None and self.encoder.kind == "wplus":
-                start = self.encoder(images)
+            if self.wplus_encoder is not None:
+                start = self.wplus_encoder(images)
                 if start.shape[1:] != (G.n_latent, G.style_dim):
                     raise ValueError(f"encoder gives W+ {list(start.shape[1:])}, generator needs "
                                      f"{[G.n_latent, G.style_dim]}")
@@ -188,8 +193,10 @@ class Inverter:
                 return {"wplus": start.clone()}
             if cfg.space == "s":
                 return {"styles": G.styles_to_vector(G.styles(start)).clone()}
-            if self.encoder is not None:
-                base = self.encoder(images)
+            if self.base_encoder is not None:
+                base = self.base_encoder(images)
+            elif self.wplus_encoder is not None:  # each image's own start
+                base = G.base_code(start, cfg.base_level)
             else:
                 base = G.base_code(start[:1], cfg.base_level).expand(b, -1, -1, -1)
             return {"wplus": start.clone(), "base_code": base.clone()}

@@ -3,8 +3,12 @@
 Input columns: key, status, error_code, error, image (uint8 [B, R, R, 3]; R above the generator's resolution is
 Lanczos-reduced to it, as FFHQ's 1024 crops are for smaller models).
 Output: the same rows in the same order plus, per space, `recon_<space>` (uint8 previews, not stored), the latent
-columns and `<space>_{mse,psnr,lpips,steps,seconds}` of DESIGN §4, and `lpips_net`, `lpips_backbone` (`none` when
-LPIPS is off). A non-finite latent fails its row with `nonfinite_latent`.
+columns and `<space>_{mse,psnr,lpips,steps,seconds}` of DESIGN §4, `<space>_start` (how the optimisation started:
+`w_avg`, or the encoder and the first 12 hex digits of its file's sha256), and `lpips_net`, `lpips_backbone` (`none`
+when LPIPS is off). A non-finite latent fails its row with `nonfinite_latent`.
+
+With `--encoder E.pt` (pSp/e4e, official or from `latentray train-encoder`) every space starts from the encoder's
+W+ and `--steps K` refines it (default: the hybrid recipe's 200 steps; 0: the encoder's answer alone).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ GPU_PROBE_LIMIT = 64  # the largest inversion batch a GPU actor probes for (Ray 
 class InvertStageConfig:
     generator: str = ""  # checkpoint path or URI (rosinality .pt, NVIDIA .pkl, latentray .pt); "": the bundled one
     spaces: tuple[str, ...] = ("wplus",)  # any of w, wplus, s, fwplus: one column group each
-    basecode_encoder: str = ""  # BDInvert base-code encoder for fwplus starts ("": G.base_code(w_avg))
+    # pSp/e4e W+ encoder (official checkpoint or `latentray train-encoder`'s encoder.pt): every space starts from
+    # its W+ and `steps` refines it (None: the hybrid recipe's 200; 0: encoder only)
+    encoder: str = ""
+    basecode_encoder: str = ""  # BDInvert base-code encoder for fwplus starts ("": G.base_code of the start W+)
     # input column of known-pixel masks (uint8, 255 known), when present: losses and metrics see only those pixels
     # and the reconstruction fills the rest (Image2StyleGAN++ inpainting); ingest --masks writes `mask`
     mask_column: str = "mask"
@@ -75,18 +82,35 @@ class InvertStage(Stage):
             checkpoints["lpips_backbone"] = backbone_bytes(cfg.invert.lpips_net)[1]
         if cfg.basecode_encoder and "fwplus" in cfg.spaces:
             checkpoints["basecode_encoder"] = file_sha256(cfg.basecode_encoder)
+        if cfg.encoder:
+            from models.encoders import load_style_encoder
+
+            check_encoder_fits(load_style_encoder(cfg.encoder), G, cfg.encoder)
+            checkpoints["encoder"] = file_sha256(cfg.encoder)
+        starts = self.starts(checkpoints)
         outputs = (*latents.columns(G, cfg.spaces, cfg.invert.base_level),
                    *(Column(f"{s}_{m}", "float32") for s in cfg.spaces for m in METRICS),
+                   *(Column(f"{s}_start", "str", fill=starts[s]) for s in cfg.spaces),
                    *(image_column(f"recon_{s}", G.size, stored=False) for s in cfg.spaces),
                    Column("lpips_net", "str", fill=cfg.invert.lpips_net),
                    Column("lpips_backbone", "str", fill=self.lpips_backbone()))
-        inputs = (image_column("image"), *((Column(cfg.mask_column, "uint8", None),) if cfg.mask_column and
-                                           context.columns and cfg.mask_column in context.columns else ()))
+        masked = bool(cfg.mask_column and context.columns and cfg.mask_column in context.columns)
+        inputs = (image_column("image"), *((Column(cfg.mask_column, "uint8", None),) if masked else ()))
+        if masked:  # previews show what the inversion saw: the target with its unknown pixels grey
+            outputs += (image_column("masked", G.size, stored=False),)
         return Plan(outputs=outputs, inputs=inputs, carry=True, resources=Resources(num_cpus=1, num_gpus=1),
                     image_size=G.size,
-                    previews=("original", "image", *(f"recon_{s}" for s in cfg.spaces)),
+                    previews=("original", "image", *(("masked",) if masked else ()),
+                              *(f"recon_{s}" for s in cfg.spaces)),
                     rename={"aligned": "image"}, checkpoints=checkpoints,
                     metadata=latents.schema_metadata(G, cfg.generator, cfg.spaces, cfg.invert.base_level))
+
+    def starts(self, checkpoints: dict) -> dict[str, str]:
+        """Per space, how its optimisation starts (recorded in every row)."""
+        encoder = f"encoder {checkpoints['encoder'][:12]}" if "encoder" in checkpoints else "w_avg"
+        base = (f"basecode_encoder {checkpoints['basecode_encoder'][:12]}" if "basecode_encoder" in checkpoints
+                else f"base_code({'encoder' if 'encoder' in checkpoints else 'w_avg'})")
+        return {s: f"{encoder}, F from {base}" if s == "fwplus" else encoder for s in self.config.spaces}
 
     def setup(self, plan: Plan, device: str = "cpu") -> None:
         from ops.invert import Inverter
@@ -94,13 +118,18 @@ class InvertStage(Stage):
         super().setup(plan, device)
         cfg = self.config
         self.G = latents.generator_on(cfg.generator, device)
-        encoder = None
+        base_encoder = wplus_encoder = None
         if cfg.basecode_encoder and "fwplus" in cfg.spaces:
             from models.encoders import load_basecode_encoder
 
-            encoder = load_basecode_encoder(cfg.basecode_encoder, generator=self.G).to(self.G.device)
+            base_encoder = load_basecode_encoder(cfg.basecode_encoder, generator=self.G).to(self.G.device)
+        if cfg.encoder:
+            from models.encoders import load_style_encoder
+
+            wplus_encoder = load_style_encoder(cfg.encoder).to(self.G.device)
+        self.start = self.starts(plan.checkpoints)
         self.inverters = {space: Inverter(self.G, dataclasses.replace(cfg.invert, space=space),
-                                          encoder=encoder if space == "fwplus" else None)
+                                          encoder=[wplus_encoder, base_encoder if space == "fwplus" else None])
                           for space in cfg.spaces}
         if self.G.device.type == "cuda":  # the largest batch that fits this GPU, by a one-step probe
             from ops.stage import largest_fitting_batch
@@ -131,12 +160,16 @@ class InvertStage(Stage):
             masks = masks.permute(0, 3, 1, 2)
         keys = [str(k) for k in batch["key"]]
         out = {"lpips_backbone": objects([next(iter(self.inverters.values())).lpips_backbone] * len(keys))}
+        if masks is not None:
+            known = masks.permute(0, 2, 3, 1).numpy()
+            out["masked"] = (to_uint8(images) * known + 128 * (1 - known)).round().astype(np.uint8)
         for space, inverter in self.inverters.items():
             result = inverter.run(images, keys, masks=masks)
             for column, value in latent_values(space, result).items():
                 out[column] = value.cpu().numpy()
             for m in METRICS:
                 out[f"{space}_{m}"] = result[m].float().cpu().numpy()
+            out[f"{space}_start"] = objects([self.start[space]] * len(keys))
             out[f"recon_{space}"] = to_uint8(result["recon"])
         finite = np.ones(len(keys), dtype=bool)
         for space in self.config.spaces:
@@ -156,3 +189,15 @@ def latent_values(space: str, result: dict):
     if space == "s":
         return {"styles": result["styles"]}
     return {"fwplus_wplus": result["wplus"], "fwplus_base_code": result["base_code"]}
+
+
+def check_encoder_fits(encoder, G, path: str) -> None:
+    """An encoder whose W+ does not fit the generator, or one trained for another generator, is refused."""
+    from models.checkpoints import CheckpointError
+
+    if (encoder.n_styles, encoder.style_dim) != (G.n_latent, G.style_dim):
+        raise CheckpointError(f"{path}: the encoder gives W+ [{encoder.n_styles}, {encoder.style_dim}], the generator "
+                              f"needs [{G.n_latent}, {G.style_dim}]")
+    if encoder.generator_id is not None and encoder.generator_id != G.generator_id:
+        raise CheckpointError(f"{path}: this encoder was trained for generator {encoder.generator_id[:12]}, not "
+                              f"{G.generator_id[:12]}")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
 import io
 import json
 import math
+import os
 import sys
 import textwrap
 import tokenize
@@ -239,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-mb", type=float, default=32.0, help="size of the parts made (default 32)")
     p.add_argument("--wait", action="store_true", help="wait while another run holds the output")
     p.set_defaults(func=cmd_compact)
+    p = sub.add_parser("report", help="write report.html for an output (also written at the end of every run): "
+                                      "failures, metric histograms, worst/best rows, previews, run history")
+    p.add_argument("output_dir", metavar="OUT", help="stage output directory or s3:// prefix")
+    p.add_argument("--to", help="write the page into this directory instead of beside the output")
+    p.add_argument("--gallery", type=int, default=12, help="worst and best rows shown per metric (default 12)")
+    p.add_argument("--open", action="store_true", help="open the page in a browser (local pages only)")
+    p.set_defaults(func=cmd_report)
+    train_parser(sub)
     p = sub.add_parser("convert", help="convert a checkpoint to latentray's own format (no pickle path on reload)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -250,6 +260,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="fetch file names from this URL instead of download.pytorch.org")
     p.set_defaults(func=cmd_fetch_weights)
     return parser
+
+
+@functools.lru_cache(maxsize=None)
+def train_options() -> tuple[Option, ...]:
+    from ops.train_encoder import EncoderTrainConfig
+    from pipelines.train import TrainOptions
+
+    return (*config_options(EncoderTrainConfig, EncoderTrainConfig(), "train"),
+            *config_options(TrainOptions, TrainOptions(), "options"))
+
+
+def train_parser(sub) -> None:
+    help_ = "train a W+ encoder (e4e) or BDInvert's base-code encoder for a generator on Ray Train (DDP workers)"
+    examples = ("latentray train-encoder --generator cars.pt --output s3://bucket/enc --workers 8 --steps 20000",
+                "latentray invert --input photos/ --output out/lat --generator cars.pt --encoder out/enc/encoder.pt "
+                "--steps 100")
+    p = sub.add_parser("train-encoder", help=help_, description=help_, formatter_class=argparse.RawTextHelpFormatter,
+                       epilog="examples:\n" + "\n".join(f"  {e}" for e in examples) +
+                       "\n\nThe same command after a kill goes on from the last checkpoint.")
+    p.add_argument("--output", default=argparse.SUPPRESS, help="output directory or s3:// prefix")
+    p.add_argument("--config", help="YAML file of options (names as on this command line); flags given win")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one option, above flags and --config (repeatable)")
+    for option in train_options():
+        add_option(p, option)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    from ops.train_encoder import EncoderTrainConfig
+    from pipelines.train import TrainOptions, train
+
+    options = {o.name: o for o in train_options()}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "set")}
+    values = {}
+    for layer in ([read_yaml_mapping(args.config)] if args.config else []) + [given, parse_set(args.set)]:
+        for raw, value in layer.items():
+            name = str(raw).replace("-", "_")
+            if name == "output":
+                values[name] = str(value)
+            elif name in options:
+                values[name] = convert(options[name].hint, value, raw)
+            else:
+                raise ValueError(f"unknown option {raw!r} for `train-encoder` (see latentray train-encoder --help)")
+    if not values.get("output"):
+        raise ValueError("train-encoder needs --output")
+    listed = list(options.values())
+    train(values["output"], build_config(EncoderTrainConfig, EncoderTrainConfig(), listed, values, "train"),
+          build_config(TrainOptions, TrainOptions(), listed, values, "options"))
 
 
 # ----- resolving a stage's options ------------------------------------------------------------------------------
@@ -310,20 +369,41 @@ class Command:
 
 
 def summary(name: str, stats: dict, output: str) -> None:
-    """One line per run: rows by status, what was already done or redone, speed, errors, where the outputs are."""
+    """One line of plain words per run, e.g. `invert: 2 ok, 1 failed (no_face: 1) in 68 s — report: out/report.html`.
+    """
     if stats.get("dry_run"):
         print(json.dumps(stats, indent=1, default=str))
         return
-    where = f"outputs in {output}, previews in {output.rstrip('/')}/previews"
+    print(f"{name}: {summary_line(stats)} in {stats['seconds']:.0f} s — " +
+          (f"report: {stats['report']}" if stats.get("report") else f"output: {output}"))
+
+
+def summary_line(stats: dict) -> str:
     if "by_status" not in stats:  # aggregates
-        figures = ", ".join(f"{k} {v}" for k, v in stats.items() if k not in ("stage", "fingerprint", "seconds"))
-        print(f"{name}: {figures} in {stats['seconds']:.1f} s; {where}")
-        return
-    counts = ", ".join(f"{n} {s}" for s, n in sorted(stats["by_status"].items())) or "no new rows"
-    errors = ", ".join(f"{c} {n}" for c, n in sorted(stats["by_error"].items())) or "none"
-    quarantined = f", {len(stats['quarantined'])} damaged part(s) quarantined" if stats.get("quarantined") else ""
-    print(f"{name}: {counts} ({stats['already_done']} inputs already done, {stats['redone']} redone{quarantined}) "
-          f"in {stats['seconds']:.1f} s, {stats['rows_per_second']:.2f} rows/s; errors: {errors}; {where}")
+        if stats.get("already_done"):
+            return "nothing to do (its inputs have not changed)"
+        return f"{stats.get('inputs', 0)} inputs reduced into {', '.join(stats.get('results', {})) or 'no table'}"
+    by_status, by_error = stats["by_status"], stats["by_error"]
+    words = []
+    for status in ("ok", "failed", "skipped", *sorted(set(by_status) - {"ok", "failed", "skipped"})):
+        if by_status.get(status):
+            words.append(f"{by_status[status]} {status}")
+    errors = ", ".join(f"{c}: {n}" for c, n in sorted(by_error.items(), key=lambda item: (-item[1], item[0])))
+    line = ", ".join(words) or "no new rows"
+    if errors:
+        line += f" ({errors})"
+    notes = []
+    if stats.get("already_done"):
+        notes.append(f"{stats['already_done']} inputs already done")
+    if stats.get("redone"):
+        notes.append(f"{stats['redone']} redone")
+    if stats.get("changed"):
+        notes.append(f"{stats['changed']} changed inputs redone")
+    if stats.get("missing_inputs"):
+        notes.append(f"{stats['missing_inputs']} rows kept of inputs now missing")
+    if stats.get("quarantined"):
+        notes.append(f"{len(stats['quarantined'])} damaged file(s) quarantined")
+    return line + (f"; {', '.join(notes)}" if notes else "")
 
 
 def cmd_stage(args) -> None:
@@ -481,6 +561,23 @@ def cmd_compact(args) -> None:
     print(f"compact: {args.output_dir}: {counts['parts_before']} parts -> {counts['parts_after']}")
 
 
+def cmd_report(args) -> None:
+    from pipelines import io, report
+
+    io.refuse_credentials(args.output_dir, "OUT")
+    if args.gallery < 0:
+        raise ValueError(f"--gallery must be 0 or more, got {args.gallery}")
+    where = report.write(args.output_dir, args.to, args.gallery)
+    print(f"report: {where}")
+    if args.open:
+        if not io.is_local(where):
+            raise ValueError(f"--open: {where} is not a local file; pass --to DIR to write it here")
+        import webbrowser
+        from pathlib import Path
+
+        webbrowser.open(Path(where).resolve().as_uri())
+
+
 def cmd_fetch_weights(args) -> None:
     from models.perceptual import fetch_weights
 
@@ -503,13 +600,48 @@ class Redacting:
         return getattr(self.stream, name)
 
 
+@contextlib.contextmanager
+def native_stderr_to_log():
+    """Lines native code writes straight to file descriptor 2 (Ray's core worker) go to the driver log, while
+    Python's sys.stderr (our messages) keeps the terminal. Yields the log's path (None when stderr is no file)."""
+    try:
+        if sys.stderr.fileno() != 2:
+            raise OSError
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        yield None
+        return
+    from pipelines.runtime import driver_log_path
+
+    path = driver_log_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    original = sys.stderr
+    original.flush()
+    terminal = os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stderr = open(terminal, "w", buffering=1, encoding=original.encoding, errors="backslashreplace",
+                      closefd=False)
+    try:
+        yield path
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        sys.stderr = original
+
+
 def main(argv: list[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = Redacting(sys.stdout), Redacting(sys.stderr)
-    try:
-        return run_command(argv)
-    finally:
-        sys.stdout, sys.stderr = streams
+    with native_stderr_to_log() as log:
+        sys.stdout, sys.stderr = Redacting(sys.stdout), Redacting(sys.stderr)
+        try:
+            code = run_command(argv)
+            if code and log and os.path.getsize(log):
+                print(f"latentray: Ray's own log lines of this run: {log}", file=sys.stderr)
+            return code
+        finally:
+            sys.stdout, sys.stderr = streams[0], sys.stderr.stream
 
 
 def run_command(argv: list[str] | None) -> int:

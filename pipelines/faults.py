@@ -5,7 +5,9 @@ Ray's own `RAY_testing_*` knobs. Nothing here runs in a normal run.
   SIGKILL (the driver's process group, recorded when the driver first imports this module, and this process), as a
   lost machine would be. Points: task (a CPU stage task), actor (before a model stage's batch), write (a part's
   bytes on their way to storage), index (a segment about to be written), lease (a lease refresh), tidy (between
-  writing a merged part and removing the parts it replaces).
+  writing a merged part and removing the parts it replaces), train_step (a training worker's step).
+  With `LATENTRAY_KILL_SCOPE=process` only this process dies (a lost worker, not a lost machine), and with
+  `LATENTRAY_KILL_ONCE=<file>` only the first process to get there (the file records it; restarted workers live).
 * `LATENTRAY_FLAKY_RATE=<p>`: outputs given as `flaky:///path` live on the local disk, but every storage call fails
   with an OSError with probability p (before it acts), seeded by `LATENTRAY_FLAKY_SEED` and the process id.
 """
@@ -31,11 +33,19 @@ def point(name: str) -> None:
     if not spec or spec.rsplit(":", 1)[0] != name:
         return
     _passes[name] = _passes.get(name, 0) + 1
-    if _passes[name] == int(spec.rsplit(":", 1)[1]):
+    if _passes[name] != int(spec.rsplit(":", 1)[1]):
+        return
+    once = os.environ.get("LATENTRAY_KILL_ONCE")
+    if once:
         try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    try:
+        if os.environ.get("LATENTRAY_KILL_SCOPE") != "process":
             os.killpg(int(os.environ[GROUP]), signal.SIGKILL)
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class FlakyFileSystem(LocalFileSystem):
