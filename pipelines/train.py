@@ -30,12 +30,13 @@ from ops.train_encoder import EncoderTrainConfig
 from pipelines import faults, io
 
 STATE_FILE = "state.pt"
+PHOTO_COLUMN = "aligned"  # the photos of an ingest output
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     generator: str = ""  # the generator checkpoint the encoder is trained for ("": the bundled one)
-    photos: str = ""  # an ingest output whose ok rows' `image` mix into each batch (wplus; photo_fraction of it)
+    photos: str = ""  # an ingest output whose ok rows' aligned photos mix into each batch (wplus; photo_fraction)
     identity: str = ""  # ArcFace checkpoint: adds e4e's identity loss (faces)
     workers: int = 2  # Ray Train workers (data-parallel replicas)
     cpus_per_worker: int = 1  # CPUs each worker declares; its torch threads
@@ -95,10 +96,11 @@ class PhotoStream:
         for _ in range(len(self.plan) + 1):
             part, keep = self.plan[self.part % len(self.plan)]
             self.part += 1
-            table = index.read_planned(self.out_dir, part, keep, self.state.parts[part]["size"], ["status", "image"])
+            table = index.read_planned(self.out_dir, part, keep, self.state.parts[part]["size"],
+                                       ["status", PHOTO_COLUMN])
             cols = io.columns_of(table)
             ok = [i for i, s in enumerate(cols["status"]) if s == "ok"]
-            self.buffer += [cols["image"][i] for i in ok[self.rank::self.world]]
+            self.buffer += [cols[PHOTO_COLUMN][i] for i in ok[self.rank::self.world]]
             if self.buffer:
                 return
         raise ValueError(f"{self.out_dir}: no ok photo for worker {self.rank} of {self.world}")
@@ -215,6 +217,10 @@ def check(cfg: EncoderTrainConfig, opts: TrainOptions) -> None:
             raise ValueError("--photos: the base_code encoder trains on generator samples only (it needs their W+)")
         if not is_stage_output(opts.photos):
             raise ValueError(f"--photos {opts.photos}: not a latentray ingest output (no run.json)")
+        from pipelines.sources import StageOutput
+
+        if PHOTO_COLUMN not in StageOutput(opts.photos).stored_columns():
+            raise ValueError(f"--photos {opts.photos}: no `{PHOTO_COLUMN}` column (an ingest output has one)")
     if opts.identity and not os.path.exists(opts.identity):
         raise FileNotFoundError(f"--identity {opts.identity}: no such file")
 

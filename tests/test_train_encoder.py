@@ -183,3 +183,57 @@ def test_bad_training_options_are_named():
     assert run.returncode == 2 and "--workers must be 1 or more" in run.stderr
     run = cli(["--output", "/tmp/never", "--kind", "base_code", "--photos", "/tmp"])
     assert run.returncode == 2 and "--photos" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def photos_output(tmp_path_factory):
+    """An ingest output of 5 photos (one damaged): 4 ok rows."""
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    G = load_default_generator()
+    folder = tmp_path_factory.mktemp("photos")
+    with torch.no_grad():
+        img = G.synthesis(G.mapping(torch.randn(4, G.style_dim, generator=torch.Generator().manual_seed(8))))
+    for i, a in enumerate(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(a).save(folder / f"p{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path_factory.mktemp("ingest") / "aligned"
+    assert main(["ingest", "--input", str(folder), "--output", str(out), "--align", "none", "--size", "64"]) == 0
+    return str(out)
+
+
+def test_photo_stream_gives_each_worker_its_own_ok_photos_and_cycles(photos_output):
+    from pipelines import index, io
+    from pipelines.train import PhotoStream
+
+    table = io.columns_of(index.read_dataset(photos_output, ["key", "status", "aligned"]))
+    ok = [img for img, s in zip(table["aligned"], table["status"]) if s == "ok"]
+    assert len(ok) == 4
+    seen = []
+    for rank in (0, 1):
+        stream = PhotoStream(photos_output, rank, 2, 64)
+        first = stream.take(2)
+        again = stream.take(2)  # the share is 2 photos: the stream cycles
+        assert torch.equal(first, again)
+        seen.append(first)
+    expected = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1).float() / 127.5 - 1 for i in ok])
+    got = torch.cat(seen)
+    assert got.shape == expected.shape
+    # every ok photo goes to exactly one worker (the order of rows within a part is the stream's order)
+    distances = torch.cdist(got.flatten(1), expected.flatten(1))
+    assert sorted(distances.argmin(1).tolist()) == [0, 1, 2, 3] and distances.min(1).values.max() < 1e-4
+
+
+def test_training_with_photos_writes_checkpoints_to_s3(s3_server, photos_output):
+    """Two workers mixing photos into their batches, checkpoints and the encoder written to an S3 API server."""
+    s3_server.create_bucket(Bucket="enc")
+    run = cli(["--output", "s3://enc/run", "--steps", "4", "--checkpoint-every", "2", "--photos", photos_output,
+               *TINY])
+    assert run.returncode == 0, run.stdout + run.stderr
+    names = {o["Key"] for o in s3_server.list_objects_v2(Bucket="enc", Prefix="run/")["Contents"]}
+    assert {"run/encoder.pt", "run/training.json", "run/training.png"} <= names
+    assert any(n.endswith("/step-0000004/state.pt") for n in names), sorted(names)
+    record = json.loads(s3_server.get_object(Bucket="enc", Key="run/training.json")["Body"].read())
+    assert record["options"]["photos"] == photos_output and record["steps"] == 4
