@@ -80,7 +80,8 @@ def latest_state(folder: str, device="cpu") -> dict | None:
 
 
 class PhotoStream:
-    """This worker's share of an ingest output's ok images, part by part (one part in memory), cycled."""
+    """This worker's share of an ingest output's ok images, part by part (one part in memory), cycled. A resumed
+    worker starts its share again from the first part (photo batches, unlike generator samples, are not replayed)."""
 
     def __init__(self, out_dir: str, rank: int, world: int, size: int):
         from pipelines import index
@@ -221,6 +222,11 @@ def check(cfg: EncoderTrainConfig, opts: TrainOptions) -> None:
 
         if PHOTO_COLUMN not in StageOutput(opts.photos).stored_columns():
             raise ValueError(f"--photos {opts.photos}: no `{PHOTO_COLUMN}` column (an ingest output has one)")
+        from pipelines import index
+
+        ok = index.load(opts.photos).winners.column("status").to_pylist().count("ok")
+        if ok < opts.workers:
+            raise ValueError(f"--photos {opts.photos}: {ok} ok photos for {opts.workers} workers (each needs one)")
     if opts.identity and not os.path.exists(opts.identity):
         raise FileNotFoundError(f"--identity {opts.identity}: no such file")
 

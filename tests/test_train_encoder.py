@@ -226,8 +226,9 @@ def test_photo_stream_gives_each_worker_its_own_ok_photos_and_cycles(photos_outp
     assert sorted(distances.argmin(1).tolist()) == [0, 1, 2, 3] and distances.min(1).values.max() < 1e-4
 
 
-def test_training_with_photos_writes_checkpoints_to_s3(s3_server, photos_output):
-    """Two workers mixing photos into their batches, checkpoints and the encoder written to an S3 API server."""
+def test_training_with_photos_writes_checkpoints_to_s3_and_invert_starts_from_it(s3_server, photos_output, tmp_path):
+    """Two workers mixing photos into their batches, checkpoints and the encoder written to an S3 API server; then
+    the second command of the README: invert the photos from that encoder (encoder only), every row saying so."""
     s3_server.create_bucket(Bucket="enc")
     run = cli(["--output", "s3://enc/run", "--steps", "4", "--checkpoint-every", "2", "--photos", photos_output,
                *TINY])
@@ -237,3 +238,14 @@ def test_training_with_photos_writes_checkpoints_to_s3(s3_server, photos_output)
     assert any(n.endswith("/step-0000004/state.pt") for n in names), sorted(names)
     record = json.loads(s3_server.get_object(Bucket="enc", Key="run/training.json")["Body"].read())
     assert record["options"]["photos"] == photos_output and record["steps"] == 4
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "invert", "--input", photos_output, "--output",
+                          str(tmp_path / "lat"), "--encoder", "s3://enc/run/encoder.pt", "--steps", "0",
+                          "--lpips-net", "alex", "--lpips-backbone", "random"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    from pipelines import index, io
+
+    rows = io.columns_of(index.read_dataset(str(tmp_path / "lat"), ["key", "status", "wplus_start", "wplus_steps"]))
+    ok = rows["status"] == "ok"
+    assert ok.sum() == 4 and set(rows["wplus_start"][ok]) == {f"encoder {record['encoder_sha256'][:12]}"}
+    assert set(rows["wplus_steps"][ok]) == {0}
