@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from models.stylegan2 import batch_invariance, channels_last
+from models.stylegan2 import batch_invariance, channels_last, is_batch_invariant
 from ops import metrics
 from ops.regularizers import load_or_compute_p_space_stats, noise_regularizer, normalize_noise_, pnorm_penalty
 
@@ -183,7 +183,7 @@ class Inverter:
         with torch.no_grad():
             start = self.w_avg.reshape(1, 1, -1).expand(b, G.n_latent, -1)
             if self.wplus_encoder is not None:
-                start = self.wplus_encoder(images)
+                start = self._encode(self.wplus_encoder, images)
                 if start.shape[1:] != (G.n_latent, G.style_dim):
                     raise ValueError(f"encoder gives W+ {list(start.shape[1:])}, generator needs "
                                      f"{[G.n_latent, G.style_dim]}")
@@ -194,12 +194,19 @@ class Inverter:
             if cfg.space == "s":
                 return {"styles": G.styles_to_vector(G.styles(start)).clone()}
             if self.base_encoder is not None:
-                base = self.base_encoder(images)
+                base = self._encode(self.base_encoder, images)
             elif self.wplus_encoder is not None:  # each image's own start
                 base = G.base_code(start, cfg.base_level)
             else:
                 base = G.base_code(start[:1], cfg.base_level).expand(b, -1, -1, -1)
             return {"wplus": start.clone(), "base_code": base.clone()}
+
+    def _encode(self, encoder, images: torch.Tensor) -> torch.Tensor:
+        """An encoder's answer, image by image when results must not depend on the batch (a batched convolution
+        differs from a single image's in the last bit)."""
+        if is_batch_invariant(images.device):
+            return torch.cat([encoder(images[i:i + 1]) for i in range(len(images))])
+        return encoder(images)
 
     def _render(self, v: dict[str, torch.Tensor], noise, sigma: float, gens) -> torch.Tensor:
         G, cfg = self.G, self.cfg

@@ -264,7 +264,7 @@ def train(out_dir: str, cfg: EncoderTrainConfig, opts: TrainOptions) -> dict:
                 name=name, storage_path=path, storage_filesystem=fs,
                 failure_config=ray.train.FailureConfig(max_failures=opts.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=opts.keep_checkpoints)))
-        print_(f"{opts.workers} workers, {cfg.steps} steps of {cfg.batch_size} images each -> {out_dir}")
+        print_(f"{opts.workers} worker{'s' * (opts.workers != 1)}, {cfg.steps} steps of {cfg.batch_size} images each -> {out_dir}")
         began = time.time()
         try:
             result = trainer.fit()
