@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_stages.py
 	$(PY) benchmarks/bench_resume.py
+	$(PY) benchmarks/bench_report.py
+	$(PY) benchmarks/bench_encoder.py
 
 torture: $(STAMP)  # N seeded fault scenarios (tests/torture.py); figures in torture.json
 	$(PY) tests/torture.py --seeds 0-$$(($(N)-1)) --report torture.json

@@ -205,7 +205,11 @@ def scaling(opts: TrainOptions):
 
 def check(cfg: EncoderTrainConfig, opts: TrainOptions) -> None:
     """Bad options fail here, before Ray starts, naming the option."""
-    cfg.resolved()
+    cfg = cfg.resolved()
+    if cfg.lpips_weight and cfg.lpips_backbone == "imagenet":  # missing or wrong weights: named here, not in a worker
+        from models.perceptual import backbone_bytes
+
+        backbone_bytes(cfg.lpips_net)
     for name in ("workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(opts, name)}")
