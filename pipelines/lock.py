@@ -162,6 +162,12 @@ class OutputLock:
             self.gen = top + 1
             fs, path = io.join(self.out_dir, self._file(self.gen))
             if io.retrying(lambda: self._create(fs, path), f"creating lease {path}"):
+                if max(leases(self.out_dir), default=0) != self.gen:
+                    # our listing was out of date (a directory read while another run created its generation and
+                    # removed the one before can miss both; CI saw a generation 1 taken beside a live 2): back off
+                    io.remove(fs, path)
+                    time.sleep(0.05)
+                    continue
                 self.last_refresh = time.time()
                 for gen, entry in found.items():  # older generations are history now
                     io.remove(fs, posixpath.join(posixpath.dirname(path), entry["file"]))

@@ -206,10 +206,6 @@ def scaling(opts: TrainOptions):
 def check(cfg: EncoderTrainConfig, opts: TrainOptions) -> None:
     """Bad options fail here, before Ray starts, naming the option."""
     cfg = cfg.resolved()
-    if cfg.lpips_weight and cfg.lpips_backbone == "imagenet":  # missing or wrong weights: named here, not in a worker
-        from models.perceptual import backbone_bytes
-
-        backbone_bytes(cfg.lpips_net)
     for name in ("workers", "cpus_per_worker", "checkpoint_every", "keep_checkpoints"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be 1 or more, got {getattr(opts, name)}")
@@ -233,6 +229,10 @@ def check(cfg: EncoderTrainConfig, opts: TrainOptions) -> None:
             raise ValueError(f"--photos {opts.photos}: {ok} ok photos for {opts.workers} workers (each needs one)")
     if opts.identity and not os.path.exists(opts.identity):
         raise FileNotFoundError(f"--identity {opts.identity}: no such file")
+    if cfg.lpips_weight and cfg.lpips_backbone == "imagenet":  # missing or wrong weights: named here, not in a worker
+        from models.perceptual import backbone_bytes
+
+        backbone_bytes(cfg.lpips_net)
 
 
 def train(out_dir: str, cfg: EncoderTrainConfig, opts: TrainOptions) -> dict:

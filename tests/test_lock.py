@@ -149,3 +149,20 @@ def test_leases_on_s3_are_created_conditionally(s3_server):
             OutputLock("s3://out/y").acquire()
     with OutputLock("s3://out/y") as second:
         assert (first.gen, second.gen) == (1, 2)
+
+
+def test_a_listing_that_missed_a_newer_lease_never_takes_an_older_generation(tmp_path, monkeypatch):
+    """A directory read while another run creates its generation and removes the one before can miss both (CI saw
+    a generation 1 taken beside a live 2): the lease just created is checked against a fresh listing and given up."""
+    out = tmp_path / "out"
+    plant_lease(out, 2, os.getpid())  # a live holder
+    real, calls = lock.leases, []
+
+    def stale_first(out_dir):
+        calls.append(out_dir)
+        return {} if len(calls) == 1 else real(out_dir)
+
+    monkeypatch.setattr(lock, "leases", stale_first)
+    with pytest.raises(OutputLocked):
+        OutputLock(str(out)).acquire()
+    assert sorted(p.name for p in (out / lock.LEASES).iterdir()) == [f"{2:012d}.json"]
