@@ -292,21 +292,13 @@ def cmd_train(args) -> None:
     from ops.train_encoder import EncoderTrainConfig
     from pipelines.train import TrainOptions, train
 
-    options = {o.name: o for o in train_options()}
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "set")}
-    values = {}
-    for layer in ([read_yaml_mapping(args.config)] if args.config else []) + [given, parse_set(args.set)]:
-        for raw, value in layer.items():
-            name = str(raw).replace("-", "_")
-            if name == "output":
-                values[name] = str(value)
-            elif name in options:
-                values[name] = convert(options[name].hint, value, raw)
-            else:
-                raise ValueError(f"unknown option {raw!r} for `train-encoder` (see latentray train-encoder --help)")
-    if not values.get("output"):
-        raise ValueError("train-encoder needs --output")
-    listed = list(options.values())
+    layers = ([read_yaml_mapping(args.config)] if args.config else []) + [given, parse_set(args.set)]
+    listed = list(train_options())
+    values = layered_values(listed, layers, "train-encoder")
+    if not values.get("output") or "input" in values:
+        raise ValueError("train-encoder takes --output (and no --input: it trains on the generator's samples and "
+                         "--photos)")
     train(values["output"], build_config(EncoderTrainConfig, EncoderTrainConfig(), listed, values, "train"),
           build_config(TrainOptions, TrainOptions(), listed, values, "options"))
 
@@ -324,7 +316,16 @@ def parse_set(items: list[str]) -> dict:
 
 def stage_values(stage, layers: list[dict], command: str) -> dict:
     """Merge option layers (lowest first) into {option name: typed value}, plus `input` and `output`."""
-    options = {o.name: o for o in command_options(stage)}
+    values = layered_values(command_options(stage), layers, command)
+    if not values.get("input") or not values.get("output"):
+        raise ValueError(f"{command} needs --input and --output (on the command line, in --config or via --set)")
+    return values
+
+
+def layered_values(listed, layers: list[dict], command: str) -> dict:
+    """{option name: typed value} of option layers (lowest first), plus `input` and `output` when given; an unknown
+    name is an error naming the command."""
+    options = {o.name: o for o in listed}
     values = {}
     for layer in layers:
         for raw, value in layer.items():
@@ -336,8 +337,6 @@ def stage_values(stage, layers: list[dict], command: str) -> dict:
                 values[name] = convert(options[name].hint, value, raw)
             else:
                 raise ValueError(f"unknown option {raw!r} for `{command}` (see latentray {command} --help)")
-    if not values.get("input") or not values.get("output"):
-        raise ValueError(f"{command} needs --input and --output (on the command line, in --config or via --set)")
     return values
 
 

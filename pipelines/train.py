@@ -63,11 +63,7 @@ def latest_state(folder: str, device="cpu") -> dict | None:
     import torch
 
     fs, root = io.url_to_fs(folder)
-    try:
-        names = sorted((p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)), reverse=True)
-    except FileNotFoundError:
-        return None
-    for name in names:
+    for name in sorted(io.listing(fs, root), reverse=True):  # fresh (no listing cache), retried
         if not name.startswith("step-"):
             continue
         try:
